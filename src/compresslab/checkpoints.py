@@ -1,0 +1,168 @@
+"""Safe on-disk formats: safetensors weights plus a JSON compression plan.
+
+A compressed model is saved as a folder::
+
+    model.safetensors   the compressed model's tensors
+    plan.json           how to rebuild it: the model and dataset configs that
+                        build the base architecture, and one entry per
+                        transformed module (e.g. {"kind": "lowrank", "rank": 38})
+
+:func:`load_compressed` rebuilds the base architecture, re-applies the plan
+(structure only) and loads the tensors strictly. Nothing is ever unpickled
+except through ``torch.load(weights_only=True)`` for foreign ``.pt`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compresslab.errors import ConfigError
+
+PLAN_FORMAT = "compresslab-plan/1"
+
+#: kind -> function(existing module, entry) -> replacement module (structure only)
+PLAN_APPLIERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
+
+
+def plan_applier(kind: str):
+    def wrap(fn):
+        PLAN_APPLIERS[kind] = fn
+        return fn
+    return wrap
+
+
+@plan_applier("lowrank")
+def _apply_lowrank(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    from compresslab.compress.lowrank import LowRankLinear
+
+    return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
+                         bias=entry["bias"], dtype=module.weight.dtype)
+
+
+def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+    from compresslab.models.utils import set_module
+
+    for name, entry in layers.items():
+        kind = entry.get("kind")
+        if kind not in PLAN_APPLIERS:
+            raise ConfigError(f"plan entry {name} has unknown kind {kind!r}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"plan names module {name}, which the model does not have") \
+                from None
+        set_module(model, name, PLAN_APPLIERS[kind](module, entry))
+    return model
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    """Tensors of ``model`` as safetensors (tied tensors stored once, written atomically)."""
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        if key in seen:
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` through
+    ``torch.load(weights_only=True)``; a damaged file gets a one-line error."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") \
+            from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+def load_state(model: nn.Module, path: Path) -> nn.Module:
+    """Load tensors saved by :func:`save_state` strictly (tied tensors re-shared)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    # keys stored once because tied: fill from the tensor they share storage with
+    by_ptr = {own[k].data_ptr(): k for k in state if k in own}
+    for k in missing[:]:
+        twin = by_ptr.get(own[k].data_ptr())
+        if twin is not None:
+            state[k] = state[twin]
+            missing.remove(k)
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        example = (missing or unexpected or bad_shape)[0]
+        raise ConfigError(f"weights in {path} do not match the model "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected, "
+                          f"{len(bad_shape)} of wrong shape, e.g. {example})")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_compressed(model: nn.Module, folder: Path, plan: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state(model, folder / "model.safetensors")
+    atomic_write_text(folder / "plan.json", json.dumps({"format": PLAN_FORMAT, **plan},
+                                                       indent=1, sort_keys=True))
+    return folder
+
+
+def read_plan(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "plan.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no plan.json; is it a compressed-model folder?")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"plan {path} is not valid JSON: {exc}") from None
+    if plan.get("format") != PLAN_FORMAT:
+        raise ConfigError(f"plan {path} has format {plan.get('format')!r}, "
+                          f"expected {PLAN_FORMAT!r}")
+    return plan
+
+
+def load_compressed(folder: str | Path) -> nn.Module:
+    """Rebuild a model saved with :func:`save_compressed` (architecture from the
+    plan's configs, structure from its layer entries, tensors from safetensors)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from compresslab.models.sources import DataSpec
+
+    folder = Path(folder)
+    plan = read_plan(folder)
+    source = instantiate(OmegaConf.create(plan["model"])["source"])
+    spec = plan["data_spec"]
+    if spec.get("matrix_shape"):
+        spec["matrix_shape"] = tuple(spec["matrix_shape"])
+    model = source.build(DataSpec(**spec))
+    apply_plan(model, plan["layers"])
+    return load_state(model, folder / "model.safetensors").eval()

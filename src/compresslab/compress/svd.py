@@ -1,0 +1,31 @@
+"""Decomposers: turn one dense weight into low-rank factors.
+
+Every decomposer has the same call signature, so a method's config picks one
+with ``_target_``: ``decomposer(weight, rank, name, stats) -> (left, right)``
+with ``weight ~= left @ right``, ``left`` (out, rank) and ``right`` (rank, in).
+``stats`` carries calibration statistics for decomposers that need them
+(``needs_calibration = True``); plain SVD ignores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from compresslab.compress.lowrank import truncated_svd_factors
+
+
+class Decomposer:
+    needs_calibration: ClassVar[bool] = False
+
+    def __call__(self, weight: torch.Tensor, rank: int, name: str,
+                 stats: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PlainSVD(Decomposer):
+    """Truncated SVD: the best rank-k approximation of W in Frobenius norm."""
+
+    def __call__(self, weight, rank, name, stats=None):
+        return truncated_svd_factors(weight, rank)

@@ -1,0 +1,88 @@
+"""The pre-trained base model every method starts from, trained once and cached.
+
+Models built from scratch (``llama_tiny``, ``vit_tiny``) are pre-trained on the
+run's dataset with ``model.pretrain`` and cached under ``paths.base`` in a
+folder keyed by a hash of the model config and the dataset's identity; later
+runs load the cache. A file lock keeps parallel sweep jobs from training the
+same base twice. Models read from local weights are used as they are unless
+``model.pretrain.max_steps > 0`` (e.g. to train a new classification head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from compresslab.checkpoints import atomic_write_text, load_state, save_state
+from compresslab.data.base import TaskDataModule
+from compresslab.models.sources import ModelSource
+
+BASE_FORMAT = "compresslab-base/1"
+
+
+def data_identity(cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
+    """What the data is (not how it is served), plus what the loader fed the training."""
+    raw = OmegaConf.to_container(cfg.dataset, resolve=True)
+    settings = {k: v for k, v in raw.get("datamodule", {}).items()
+                if k not in data.loader_args or k == "batch_size"}
+    ident = getattr(data, "info", None) or {}
+    return {"name": cfg.dataset.name, "settings": settings, "content": ident}
+
+
+def base_key(cfg: DictConfig, data: TaskDataModule) -> str:
+    payload = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+               "data": data_identity(cfg, data), "format": BASE_FORMAT}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def needs_pretraining(cfg: DictConfig) -> bool:
+    pre = cfg.model.get("pretrain")
+    return bool(pre) and int(pre.get("max_steps", 0)) > 0
+
+
+def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
+                     pretrain_fn) -> tuple[nn.Module, dict[str, Any]]:
+    """Return the base model and its record (``base.json``: metrics, time, folder).
+
+    ``pretrain_fn(model) -> dict`` trains a freshly built model and returns its
+    metrics; it is only called on a cache miss.
+    """
+    if not needs_pretraining(cfg):
+        L.seed_everything(int(cfg.seed), verbose=False)
+        return source.build(data.spec()), {"cached": False, "pretrained_here": False}
+
+    from filelock import FileLock
+
+    folder = Path(cfg.paths.base) / f"{cfg.model.name}-{cfg.dataset.name}-{base_key(cfg, data)}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        L.seed_everything(int(cfg.model.pretrain.get("seed", 0)), verbose=False)
+        model = source.build(data.spec())
+        record_path = folder / "base.json"
+        if record_path.is_file():
+            load_state(model, folder / "model.safetensors")
+            record = json.loads(record_path.read_text())
+            return model.eval(), {**record, "cached": True, "folder": str(folder)}
+        start = time.perf_counter()
+        metrics = pretrain_fn(model)
+        record = {"format": BASE_FORMAT, "model": OmegaConf.to_container(cfg.model, resolve=True),
+                  "data": data_identity(cfg, data), "metrics": metrics,
+                  "pretrain_time_s": time.perf_counter() - start}
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_state(model, tmp / "model.safetensors")
+        atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
+        os.replace(tmp, folder)
+    return model.eval(), {**record, "cached": False, "pretrained_here": True,
+                          "folder": str(folder)}

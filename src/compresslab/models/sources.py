@@ -1,0 +1,226 @@
+"""Model sources: each model config names one of these through ``_target_``.
+
+A source checks its own settings (before any work), optionally provides a
+tokenizer, and builds the ``nn.Module`` for a dataset's :class:`DataSpec`.
+Sources never reach a hub: real checkpoints are read from local paths only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compresslab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model must know about its data to be built."""
+
+    modality: str
+    vocab_size: int | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    matrix_shape: tuple[int, int] | None = None
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class ModelSource:
+    modality: ClassVar[str]
+    #: True when the weights are read from a local file rather than trained here
+    loads_weights: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for settings that cannot work; do no real work."""
+
+    def tokenizer(self) -> Any | None:
+        return None
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def skeleton(self, spec: DataSpec) -> nn.Module:
+        """The architecture only; called under ``torch.device("meta")``, reads no weights."""
+        return self.build(spec)
+
+
+def _require_dir(path: str | None, what: str, must_contain: str) -> Path:
+    if not path:
+        raise ConfigError(f"{what} needs a local path: set model.path=/path/to/checkpoint")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} path does not exist: {p}")
+    if not (p / must_contain).is_file():
+        raise ConfigError(f"{what} path {p} has no {must_contain}; is it a checkpoint folder?")
+    return p
+
+
+class TinyLlama(ModelSource):
+    """A small HF ``LlamaForCausalLM`` trained here from scratch."""
+
+    modality = "text"
+
+    def __init__(self, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                 num_kv_heads: int | None = None, intermediate_size: int = 352,
+                 max_position_embeddings: int = 512, tie_word_embeddings: bool = True,
+                 rope_theta: float = 10000.0):
+        self.kwargs = dict(hidden_size=hidden_size, num_hidden_layers=num_layers,
+                           num_attention_heads=num_heads,
+                           num_key_value_heads=num_kv_heads or num_heads,
+                           intermediate_size=intermediate_size,
+                           max_position_embeddings=max_position_embeddings,
+                           tie_word_embeddings=tie_word_embeddings, rope_theta=rope_theta)
+
+    def check(self) -> None:
+        h, n, kv = (self.kwargs[k] for k in
+                    ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+        if h % n or n % kv:
+            raise ConfigError(f"llama: hidden_size {h} must divide into num_heads {n}, "
+                              f"and num_heads into num_kv_heads {kv}")
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=spec.vocab_size, **self.kwargs)
+        return LlamaForCausalLM(config)
+
+
+class LocalHFCausalLM(ModelSource):
+    """Any HF causal LM checkpoint in a local folder (LLaMA family); never downloads."""
+
+    modality = "text"
+    loads_weights = True
+
+    def __init__(self, path: str | None = None, dtype: str = "float32",
+                 trust_remote_code: bool = False):
+        self.path, self.dtype, self.trust_remote_code = path, dtype, trust_remote_code
+
+    def check(self) -> None:
+        _require_dir(self.path, "model=llama", "config.json")
+        parse_dtype(self.dtype)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                             trust_remote_code=self.trust_remote_code)
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.path, local_files_only=True, dtype=parse_dtype(self.dtype),
+            trust_remote_code=self.trust_remote_code)
+
+    def skeleton(self, spec: DataSpec) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.path, local_files_only=True,
+                                            trust_remote_code=self.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+
+
+class TinyViT(ModelSource):
+    """A small timm ``VisionTransformer`` sized for the dataset's images."""
+
+    modality = "image"
+
+    def __init__(self, patch_size: int = 2, embed_dim: int = 64, depth: int = 4,
+                 num_heads: int = 4, mlp_ratio: float = 4.0):
+        self.kwargs = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+
+    def check(self) -> None:
+        if self.kwargs["embed_dim"] % self.kwargs["num_heads"]:
+            raise ConfigError("vit: embed_dim must be divisible by num_heads")
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        if spec.image_size % self.kwargs["patch_size"]:
+            raise ConfigError(f"vit: patch_size {self.kwargs['patch_size']} does not divide "
+                              f"the dataset's image size {spec.image_size}")
+        return VisionTransformer(img_size=spec.image_size, in_chans=spec.channels,
+                                 num_classes=spec.num_classes, **self.kwargs)
+
+
+class TimmViT(ModelSource):
+    """A timm ViT by architecture name with weights from a local file.
+
+    The classification head is re-initialised when the dataset's class count
+    differs from the checkpoint's; the base-model stage then trains it.
+    """
+
+    modality = "image"
+    loads_weights = True
+
+    def __init__(self, name: str = "vit_tiny_patch16_224", weights: str | None = None,
+                 img_size: int | None = None):
+        self.name, self.weights, self.img_size = name, weights, img_size
+
+    def check(self) -> None:
+        if not self.weights:
+            raise ConfigError("model=vit needs a local weights file: set model.weights=/path")
+        if not Path(self.weights).expanduser().is_file():
+            raise ConfigError(f"model=vit weights file does not exist: {self.weights}")
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        import timm
+
+        from compresslab.checkpoints import read_state_dict
+
+        model = self.skeleton(spec)
+        state = read_state_dict(Path(self.weights).expanduser())
+        own = model.state_dict()
+        head = {k for k in state if k.startswith("head.") and state[k].shape != own[k].shape}
+        for k in head:
+            state.pop(k)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+        if wrong:
+            raise ConfigError(f"weights file {self.weights} does not fit timm model "
+                              f"{self.name}: {len(wrong)} mismatched tensors, e.g. {wrong[0]}")
+        return model
+
+    def skeleton(self, spec: DataSpec) -> nn.Module:
+        import timm
+
+        return timm.create_model(self.name, pretrained=False, num_classes=spec.num_classes,
+                                 in_chans=spec.channels, img_size=self.img_size or spec.image_size)
+
+
+class DeepLinear(ModelSource):
+    """Deep linear network of ``depth`` layers of ``width`` (``width=null``: square)."""
+
+    modality = "matrix"
+
+    def __init__(self, depth: int = 3, width: int | None = None, init_scale: float = 1e-2,
+                 dtype: str = "float64"):
+        self.depth, self.width, self.init_scale, self.dtype = depth, width, init_scale, dtype
+
+    def check(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"dln: depth must be at least 1, got {self.depth}")
+        parse_dtype(self.dtype)
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from compresslab.models.dln import DeepLinearNetwork
+
+        rows, cols = spec.matrix_shape
+        width = self.width or rows
+        dims = [cols] + [width] * (self.depth - 1) + [rows]
+        return DeepLinearNetwork(dims, self.init_scale, parse_dtype(self.dtype))

@@ -1,0 +1,64 @@
+"""Stage interface and the run context every stage receives.
+
+A stage takes the model and returns the (possibly new) model. It may check its
+settings against the model's structure first (``check``, called on a model
+skeleton before any real work), and it records what it did in
+``ctx.metrics`` and, when it changes the structure, in ``ctx.plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+from torch import nn
+
+from compresslab.data.base import TaskDataModule
+from compresslab.models.adapters import ArchitectureAdapter
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    adapter: ArchitectureAdapter
+    data: TaskDataModule
+    logger: Any | None = None            # a Lightning logger, or None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, dict[str, Any]] = field(default_factory=dict)   # module -> entry
+    teacher: nn.Module | None = None     # frozen copy of the dense model, when asked for
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Record metrics for ``metrics.json`` and send them to the logger."""
+        self.metrics.update(metrics)
+        if self.logger is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            if numeric:
+                self.logger.log_metrics(numeric, step=step)
+
+    def trainer(self, callbacks: list | None = None, logger: bool = True,
+                **overrides) -> L.Trainer:
+        """A Lightning Trainer from ``cfg.trainer`` with this run's logger and progress bar."""
+        from hydra.utils import instantiate
+
+        from compresslab.callbacks.progress import progress_callbacks
+
+        return instantiate(self.cfg.trainer,
+                           logger=self.logger if (logger and self.logger is not None) else False,
+                           callbacks=progress_callbacks(self.cfg) + list(callbacks or []),
+                           default_root_dir=str(self.run_dir), **overrides)
+
+
+class Stage:
+    """Base class; ``name`` is set by the pipeline from the stage's key in the config."""
+
+    name: str = "stage"
+
+    def check(self, model: nn.Module, ctx: RunContext) -> None:
+        """Raise ConfigError if the settings cannot work on this model (no real work)."""
+
+    def run(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        raise NotImplementedError
