@@ -33,7 +33,7 @@ from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
 from compresslab.errors import ConfigError
 from compresslab.models.adapters import adapter_for
-from compresslab.models.base import build_base_model
+from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
 from compresslab.models.utils import count_params
 from compresslab.stages.base import RunContext, Stage
@@ -62,6 +62,18 @@ def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule) -
         check_ratio(ratio, "method.ratio")
     source.check()
     data.check()
+    if needs_pretraining(cfg):
+        pretrain_stage(cfg)  # validates the base model's training settings
+
+
+def pretrain_stage(cfg: DictConfig):
+    from compresslab.stages.train import TrainStage
+
+    settings = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
+    settings.pop("seed", None)
+    stage = TrainStage(**settings)
+    stage.name = "pretrain"
+    return stage
 
 
 def skeleton(source: ModelSource, data: TaskDataModule) -> nn.Module:
@@ -107,13 +119,7 @@ def finish_logger(logger, failed: bool) -> None:
 
 
 def pretrain(model: nn.Module, ctx: RunContext) -> dict[str, float]:
-    from compresslab.stages.train import TrainStage
-
-    settings = OmegaConf.to_container(ctx.cfg.model.pretrain, resolve=True)
-    settings.pop("seed", None)
-    stage = TrainStage(**settings)
-    stage.name = "pretrain"
-    stage.run(model, ctx)
+    pretrain_stage(ctx.cfg).run(model, ctx)
     return {f"{split}/{k}": v for split in ("val", "test")
             for k, v in evaluate(model, ctx, split).items()}
 
@@ -124,6 +130,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

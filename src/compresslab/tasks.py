@@ -36,8 +36,10 @@ class Task:
 def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor,
                    reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                           reduction=reduction)
+    logits = logits[:, :-1].flatten(0, 1)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # accumulate in at least fp32
+        logits = logits.float()
+    return F.cross_entropy(logits, tokens[:, 1:].flatten(), reduction=reduction)
 
 
 class LanguageModelingTask(Task):

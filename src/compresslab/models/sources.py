@@ -179,7 +179,6 @@ class TimmViT(ModelSource):
             raise ConfigError(f"model=vit weights file does not exist: {self.weights}")
 
     def build(self, spec: DataSpec) -> nn.Module:
-        import timm
 
         from compresslab.checkpoints import read_state_dict
 

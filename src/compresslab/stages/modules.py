@@ -67,8 +67,9 @@ class TrainModule(L.LightningModule):
         task_loss = self.task_loss(batch)
         extras = self.extra_losses(batch)
         loss = task_loss + sum(extras.values()) if extras else task_loss
-        if not math.isfinite(float(loss)):
-            raise NonFiniteLossError(f"training loss is {float(loss)} at step {self.global_step}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"training loss is {value} at step {self.global_step}")
         logs = {"train/loss": loss}
         if extras:
             logs["train/loss_task"] = task_loss

@@ -25,6 +25,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
 
+    def __post_init__(self):
+        if self.name not in ("adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.name!r} (adamw | sgd)")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r} (cosine | constant)")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+
     @classmethod
     def from_cfg(cls, cfg) -> OptimConfig:
         data = dict(cfg or {})
@@ -55,8 +63,6 @@ def build_optimizer(params, cfg: OptimConfig, total_steps: int):
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
     else:
-        raise ConfigError(f"unknown optimizer {cfg.name!r} (adamw | sgd)")
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"unknown schedule {cfg.schedule!r} (cosine | constant)")
+        raise AssertionError(cfg.name)  # rejected by OptimConfig already
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

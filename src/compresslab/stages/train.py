@@ -49,6 +49,7 @@ class TrainStage(Stage):
             if hasattr(cb, "file_prefix"):
                 cb.file_prefix = f"{self.name}_{cb.file_prefix}"
         trainer = ctx.trainer(callbacks=self.callbacks, **self.trainer_kwargs())
+        model.train()
         trainer.fit(module, datamodule=ctx.data)
         model.eval()
         ctx.log({f"{self.name}/time_s": time.perf_counter() - start,

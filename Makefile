@@ -1,0 +1,48 @@
+# compresslab — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export WANDB_SILENT ?= true
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## create .venv and install compresslab with its dev extras
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: install ## the main job: svd at ratio 0.4 on llama_tiny/pycode, dense vs compressed table
+	$(BIN)/python run.py method=svd model=llama_tiny dataset=pycode method.ratio=0.4
+
+test: install ## the fast test suite (under 10 minutes on 2 cores)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-slow: install ## the long tests only (-m slow)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow
+
+lint: install ## ruff over the package, tests and entry point
+	$(BIN)/ruff check src tests run.py
+
+format: install ## ruff's import sorting and fixes
+	$(BIN)/ruff check --fix src tests run.py
+
+base-models: install ## pre-train and cache the embedded base models (llama_tiny, vit_tiny)
+	$(BIN)/python run.py method=none model=llama_tiny dataset=pycode logger=csv
+	$(BIN)/python run.py method=none model=vit_tiny dataset=digits logger=csv
+
+dln-demo: install ## deep linear network on matrix factorization (spec settings, 1e5 GD steps)
+	$(BIN)/python run.py experiment=dln_factorization
+
+clean: ## remove run folders and caches of tools (keeps cached base models and tokens)
+	rm -rf outputs/runs outputs/multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+clean-all: clean ## also remove outputs/ entirely and the virtual environment
+	rm -rf outputs $(VENV)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny model settings, config composition, a shared output root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Small enough to pre-train in seconds; 64-wide so that ratio 0.4 is reachable within 1%.
+TINY_LLAMA = ["model=llama_tiny", "dataset=pycode", "model.source.hidden_size=64",
+              "model.source.intermediate_size=176", "model.source.num_layers=2",
+              "model.pretrain.max_steps=40", "dataset.datamodule.max_files=30",
+              "dataset.datamodule.vocab_size=512", "dataset.datamodule.max_eval_blocks=16",
+              "dataset.datamodule.block_size=64"]
+TINY_VIT = ["model=vit_tiny", "dataset=digits", "model.source.depth=2",
+            "model.pretrain.max_steps=60"]
+QUIET = ["logger=none", "progress=false", "print_table=false"]
+
+
+def compose_cfg(overrides: list[str], root: Path, run_dir: Path | None = None):
+    """The real configs composed with ``overrides``, writing below ``root``."""
+    from hydra import compose, initialize_config_dir
+
+    import compresslab  # noqa: F401  (resolvers)
+
+    run_dir = run_dir or root / "run"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=[f"paths.root={root}", f"run_dir={run_dir}",
+                                            *QUIET, *overrides])
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` as a user would, in a subprocess."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    """An outputs root shared by the whole session, so base models train once."""
+    return tmp_path_factory.mktemp("outputs")
