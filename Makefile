@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
+# each paper folder adds its table/figure targets in experiments/<paper>/targets.mk
+-include experiments/*/targets.mk
 .PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(STAMP) ## create .venv and install compresslab with its dev extras
 $(STAMP): pyproject.toml

@@ -30,3 +30,13 @@ def test_run_name_and_tags_come_from_choices(tmp_path):
     assert cfg.run_name == "svd-llama_tiny-pycode-r0.2-s3"
     cfg = compose_cfg(["method=none"], tmp_path)
     assert cfg.run_name == "none-llama_tiny-pycode-s0"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_slurm", "submitit_local"])
+def test_hydra_launchers_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert "Launcher" in cfg.hydra.launcher._target_

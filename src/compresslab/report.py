@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 from compresslab.tasks import Task
@@ -48,3 +51,100 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+# -- many runs -> one table ------------------------------------------------------------------
+
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run below ``sweep_dir``: its metrics plus its resolved config.
+
+    Each record holds ``metrics`` (metrics.json), ``cfg`` (the run's resolved
+    config as a dict, from ``.hydra/config.yaml``) and ``dir``. Runs without
+    ``metrics.json`` (failed or unfinished) are skipped.
+    """
+    from omegaconf import OmegaConf
+
+    records = []
+    for metrics_file in sorted(Path(sweep_dir).rglob("metrics.json")):
+        run_dir = metrics_file.parent
+        cfg_file = run_dir / ".hydra" / "config.yaml"
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_file)) if cfg_file.is_file() else {}
+        records.append({"dir": str(run_dir), "cfg": cfg,
+                        "metrics": json.loads(metrics_file.read_text())})
+    return records
+
+
+def lookup(record: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """``cfg.a.b`` or ``metrics[...]`` of a record: dotted keys read the config,
+    keys containing a slash read the metrics."""
+    if "/" in dotted:
+        return record["metrics"].get(dotted, default)
+    node: Any = record["cfg"]
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def aggregate(records: list[dict[str, Any]], by: list[str],
+              metrics: list[str]) -> list[dict[str, Any]]:
+    """Group records by the ``by`` keys; per metric: mean, std and count over the group
+    (typically over seeds). Returns one dict per group, in first-seen order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(tuple(lookup(rec, k) for k in by), []).append(rec)
+    rows = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(by, key))
+        row["n"] = len(members)
+        for m in metrics:
+            values = [lookup(r, m) for r in members if lookup(r, m) is not None]
+            row[m] = mean_std(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def fmt_mean_std(value: tuple[float, float] | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    mean, std = value
+    return fmt(mean, digits) if std == 0 else f"{fmt(mean, digits)} ± {fmt(std, 2)}"
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, *,
+              xlabel: str, ylabel: str, title: str = "", logy: bool = False,
+              logx: bool = False) -> Path:
+    """One line per label: ``series[label] = (xs, ys)``; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", lw=1.5, label=label)
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
