@@ -68,3 +68,24 @@ def test_full_rank_compression_keeps_model_outputs(shared_root, tmp_path):
     metrics = run(cfg)
     assert metrics["test/ppl"] == pytest.approx(metrics["dense/test_ppl"], rel=1e-4)
     assert torch.isfinite(torch.tensor(metrics["test/ppl"]))
+
+
+def test_base_pretrained_on_another_dataset_shares_its_tokenizer(shared_root, tmp_path):
+    """dataset@pretrain_data=pycode: the base is the pycode model (same cache entry as a
+    plain pycode run) and the run's own text is tokenized with pycode's tokenizer."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(400)))
+    pre = ["dataset@pretrain_data=pycode"] + [
+        a.replace("dataset.", "pretrain_data.", 1) for a in TINY_LLAMA if a.startswith("dataset.")]
+    own = [a for a in TINY_LLAMA if not a.startswith("dataset")]
+    cfg = compose_cfg([*own, *pre, "dataset=text_files", f"dataset.train={corpus}",
+                       f"dataset.val={corpus}", f"dataset.test={corpus}",
+                       "dataset.datamodule.block_size=64", "method=none"],
+                      shared_root, tmp_path / "run")
+    metrics = run(cfg)
+    plain = run(compose_cfg([*TINY_LLAMA, "method=none"], shared_root, tmp_path / "plain"))
+    assert plain["base/cached"] == 1
+    assert metrics["base/test/ppl"] == pytest.approx(plain["base/test/ppl"], rel=1e-12)
+    assert metrics["test/ppl"] != plain["test/ppl"]  # evaluated on the run's own text
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["data"]["vocab_size"] <= 512 and info["data"]["corpus"] == "text_files"

@@ -14,6 +14,7 @@ The logger is always finished, also when a stage fails.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -53,10 +54,15 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
     return stages
 
 
-def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule) -> None:
-    if source.modality != data.modality:
-        raise ConfigError(f"model={cfg.model.name} ({source.modality}) cannot run on "
-                          f"dataset={cfg.dataset.name} ({data.modality})")
+def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
+                   pre_data: TaskDataModule | None = None) -> None:
+    for name, dm in ((cfg.dataset.name, data),
+                     (cfg.pretrain_data.name if pre_data else None, pre_data)):
+        if dm is not None and source.modality != dm.modality:
+            raise ConfigError(f"model={cfg.model.name} ({source.modality}) cannot run on "
+                              f"dataset={name} ({dm.modality})")
+    if pre_data is not None:
+        pre_data.check()
     ratio = cfg.method.get("ratio")
     if ratio is not None:
         check_ratio(ratio, "method.ratio")
@@ -119,6 +125,7 @@ def finish_logger(logger, failed: bool) -> None:
 
 
 def pretrain(model: nn.Module, ctx: RunContext) -> dict[str, float]:
+    """Train a fresh base model on ``ctx.data`` and evaluate it on val and test."""
     pretrain_stage(ctx.cfg).run(model, ctx)
     return {f"{split}/{k}": v for split in ("val", "test")
             for k, v in evaluate(model, ctx, split).items()}
@@ -143,9 +150,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     source: ModelSource = instantiate(cfg.model.source)
     data: TaskDataModule = instantiate(cfg.dataset.datamodule)
+    pre_data = instantiate(cfg.pretrain_data.datamodule) if cfg.get("pretrain_data") else None
     stages = build_stages(cfg)
-    check_settings(cfg, source, data)
-    bare = skeleton(source, data)
+    check_settings(cfg, source, data, pre_data)
+    bare = skeleton(source, pre_data or data)
     adapter = adapter_for(bare)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, adapter=adapter, data=data)
     for stage in stages:
@@ -156,18 +164,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ctx.logger = build_logger(cfg)
     failed = True
     try:
-        ctx.metrics.update(_run_stages(cfg, ctx, source, stages))
+        ctx.metrics.update(_run_stages(cfg, ctx, source, stages, pre_data))
         failed = False
     finally:
         finish_logger(ctx.logger, failed)
     return ctx.metrics
 
 
-def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage]) -> dict:
+def load_data(ctx: RunContext, source: ModelSource, pre_data: TaskDataModule | None):
+    """Load the run's data (and the base model's pre-training data, whose tokenizer
+    the run's data must then share)."""
+    if pre_data is None:
+        ctx.data.load(tokenizer=source.tokenizer())
+        return
+    pre_data.load(tokenizer=source.tokenizer())
+    ctx.data.load(tokenizer=pre_data.shared_tokenizer())
+
+
+def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
+                pre_data: TaskDataModule | None = None) -> dict:
     start = time.perf_counter()
     data = ctx.data
-    data.load(tokenizer=source.tokenizer())
-    model, base = build_base_model(cfg, source, data, lambda m: pretrain(m, ctx))
+    load_data(ctx, source, pre_data)
+    if pre_data is None:
+        model, base = build_base_model(cfg, source, data, lambda m: pretrain(m, ctx))
+    else:
+        pre_ctx = dataclasses.replace(ctx, data=pre_data)
+        model, base = build_base_model(cfg, source, pre_data, lambda m: pretrain(m, pre_ctx),
+                                       data_cfg=cfg.pretrain_data)
     ctx.log({"base/cached": int(base.get("cached", False)),
              **{f"base/{k}": v for k, v in base.get("metrics", {}).items()}})
     L.seed_everything(int(cfg.seed), verbose=False)

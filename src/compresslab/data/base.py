@@ -41,6 +41,10 @@ class TaskDataModule(L.LightningDataModule):
     def spec(self) -> DataSpec:
         raise NotImplementedError
 
+    def shared_tokenizer(self) -> Any | None:
+        """The tokenizer another dataset must use to feed a model trained on this one."""
+        return None
+
     # -- shared -------------------------------------------------------------
     def split(self, name: str) -> Dataset:
         if not self._splits:

@@ -161,6 +161,9 @@ class TextBlocksDataModule(TaskDataModule):
             tmp.replace(path)
         return np.load(path, mmap_mode="r")
 
+    def shared_tokenizer(self):
+        return self.tokenizer.backend if self.tokenizer else None
+
     def spec(self) -> DataSpec:
         vocab = self.tokenizer.vocab_size if self.tokenizer else self.vocab_size
         return DataSpec("text", vocab_size=vocab)

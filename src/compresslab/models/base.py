@@ -29,18 +29,18 @@ from compresslab.models.sources import ModelSource
 BASE_FORMAT = "compresslab-base/1"
 
 
-def data_identity(cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
+def data_identity(data_cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
     """What the data is (not how it is served), plus what the loader fed the training."""
-    raw = OmegaConf.to_container(cfg.dataset, resolve=True)
+    raw = OmegaConf.to_container(data_cfg, resolve=True)
     settings = {k: v for k, v in raw.get("datamodule", {}).items()
                 if k not in data.loader_args or k == "batch_size"}
     ident = getattr(data, "info", None) or {}
-    return {"name": cfg.dataset.name, "settings": settings, "content": ident}
+    return {"name": data_cfg.name, "settings": settings, "content": ident}
 
 
-def base_key(cfg: DictConfig, data: TaskDataModule) -> str:
+def base_key(cfg: DictConfig, data_cfg: DictConfig, data: TaskDataModule) -> str:
     payload = {"model": OmegaConf.to_container(cfg.model, resolve=True),
-               "data": data_identity(cfg, data), "format": BASE_FORMAT}
+               "data": data_identity(data_cfg, data), "format": BASE_FORMAT}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -50,19 +50,23 @@ def needs_pretraining(cfg: DictConfig) -> bool:
 
 
 def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
-                     pretrain_fn) -> tuple[nn.Module, dict[str, Any]]:
+                     pretrain_fn, data_cfg: DictConfig | None = None
+                     ) -> tuple[nn.Module, dict[str, Any]]:
     """Return the base model and its record (``base.json``: metrics, time, folder).
 
-    ``pretrain_fn(model) -> dict`` trains a freshly built model and returns its
-    metrics; it is only called on a cache miss.
+    ``data`` is the dataset the base model is pre-trained on (``data_cfg`` its
+    config; default: the run's dataset). ``pretrain_fn(model) -> dict`` trains a
+    freshly built model and returns its metrics; it is only called on a cache miss.
     """
+    data_cfg = data_cfg if data_cfg is not None else cfg.dataset
     if not needs_pretraining(cfg):
         L.seed_everything(int(cfg.seed), verbose=False)
         return source.build(data.spec()), {"cached": False, "pretrained_here": False}
 
     from filelock import FileLock
 
-    folder = Path(cfg.paths.base) / f"{cfg.model.name}-{cfg.dataset.name}-{base_key(cfg, data)}"
+    key = base_key(cfg, data_cfg, data)
+    folder = Path(cfg.paths.base) / f"{cfg.model.name}-{data_cfg.name}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         L.seed_everything(int(cfg.model.pretrain.get("seed", 0)), verbose=False)
@@ -75,7 +79,7 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
         start = time.perf_counter()
         metrics = pretrain_fn(model)
         record = {"format": BASE_FORMAT, "model": OmegaConf.to_container(cfg.model, resolve=True),
-                  "data": data_identity(cfg, data), "metrics": metrics,
+                  "data": data_identity(data_cfg, data), "metrics": metrics,
                   "pretrain_time_s": time.perf_counter() - start}
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
