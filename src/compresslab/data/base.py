@@ -69,3 +69,23 @@ class TaskDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader:
         return self._loader(split, False, self.eval_batch_size)
+
+
+def calibration_batches(data: TaskDataModule, num_samples: int, batch_size: int,
+                        seed: int = 0) -> list:
+    """``num_samples`` training examples drawn with a fixed seed, in batches.
+
+    Text datasets serve blocks of their ``block_size`` tokens. The choice does not
+    depend on the run seed, so every method sees the same calibration data.
+    """
+    from compresslab.errors import ConfigError
+
+    train = data.split("train")
+    if num_samples > len(train):
+        raise ConfigError(f"asked for {num_samples} calibration samples but the train split "
+                          f"has {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    picked = order[:num_samples].tolist()
+    loader = DataLoader(torch.utils.data.Subset(train, picked), batch_size=batch_size,
+                        shuffle=False)
+    return list(loader)

@@ -1,0 +1,159 @@
+"""Calibration: activation statistics collected block by block with forward hooks.
+
+Methods that compress or prune using data (SVD-LLM whitening, ASVD, numerical
+pruning, Wanda, FLAP, ...) need statistics of each linear layer's *inputs* on a
+few calibration samples, computed on the model as already changed by the
+earlier blocks. :class:`BlockwiseCalibration` does that with bounded memory:
+
+1. it runs the model once until the first block and keeps that block's inputs
+   (hidden states plus whatever keyword arguments the architecture passes, e.g.
+   rotary position embeddings and the attention mask);
+2. for each block in order, it hands the block to the method, which collects the
+   statistics it needs (:meth:`collect`) and changes the block;
+3. it then runs the *changed* block on the kept inputs to produce the next
+   block's inputs, and drops the statistics of the finished block.
+
+So peak memory is the model, the hidden states of the calibration samples, and
+one block's statistics. Statistics are small classes with one interface
+(:class:`InputStatistic`), so a method's config can pick which it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresslab.models.adapters import ArchitectureAdapter
+
+
+class InputStatistic:
+    """Accumulates a statistic of a linear layer's inputs ``x`` (rows = tokens)."""
+
+    def update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Gram(InputStatistic):
+    """``C = X^T X`` summed over tokens (``X``: tokens x in), and the token count.
+
+    Accumulated in ``dtype`` (float32 by default, as the SVD-LLM reference does;
+    factor the result in float64)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype, self.gram, self.count = dtype, None, 0
+
+    def update(self, x):
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+
+class ChannelMoments(InputStatistic):
+    """Per input channel: mean, mean of |x|, mean of x^2 (float64), token count."""
+
+    def __init__(self):
+        self.sum = self.abs_sum = self.sq_sum = None
+        self.count = 0
+
+    def update(self, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        parts = (x.sum(0), x.abs().sum(0), x.pow(2).sum(0))
+        if self.sum is None:
+            self.sum, self.abs_sum, self.sq_sum = parts
+        else:
+            self.sum += parts[0]
+            self.abs_sum += parts[1]
+            self.sq_sum += parts[2]
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance over all calibration tokens."""
+        return (self.sq_sum / self.count - self.mean.pow(2)).clamp_min(0)
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        """``||X_j||_2`` over all calibration tokens (Wanda's activation norm)."""
+        return self.sq_sum.sqrt()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+class BlockwiseCalibration:
+    """Walks the model's blocks in order on a fixed set of calibration batches."""
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, batches: list):
+        self.model, self.adapter = model, adapter
+        self.blocks_list = adapter.blocks(model)
+        self.inputs = self._capture_first_block_inputs(batches)
+
+    @torch.no_grad()
+    def _capture_first_block_inputs(self, batches) -> list[tuple[tuple, dict]]:
+        captured: list[tuple[tuple, dict]] = []
+
+        def grab(_module, args, kwargs):
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        handle = self.blocks_list[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for batch in batches:
+                try:
+                    self.adapter.logits(self.model, batch)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def run_block(self, block: nn.Module) -> list[torch.Tensor]:
+        """The block's outputs on the current inputs."""
+        return [_first(block(*args, **kwargs)) for args, kwargs in self.inputs]
+
+    @torch.no_grad()
+    def collect(self, block: nn.Module, layers: dict[str, nn.Module],
+                make_stat: Callable[[], InputStatistic]) -> dict[str, InputStatistic]:
+        """Run ``block`` on the current inputs with a statistic on each of ``layers``' inputs."""
+        stats = {name: make_stat() for name in layers}
+        handles = [module.register_forward_hook(
+            lambda _m, inp, _out, s=stats[name]: s.update(inp[0]))
+            for name, module in layers.items()]
+        try:
+            self.run_block(block)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        """Replace the kept inputs by ``block``'s outputs (feed the next block)."""
+        outputs = self.run_block(block)
+        self.inputs = [((out, *args[1:]), kwargs)
+                       for out, (args, kwargs) in zip(outputs, self.inputs)]
+
+    def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
+        """Yield ``(index, block)``; after the caller is done with a block (and may have
+        changed it), its outputs become the next block's inputs."""
+        for index, block in enumerate(self.blocks_list):
+            yield index, block
+            if index + 1 < len(self.blocks_list):
+                self.advance(block)
