@@ -16,16 +16,15 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from compresslab.models.utils import weight_of
+
 END_TO_END = "end_to_end"
 
 
 def matrix_of(model: torch.nn.Module, name: str) -> torch.Tensor:
     if name == END_TO_END:
         return model.end_to_end()
-    module = model.get_submodule(name)
-    if hasattr(module, "dense_weight"):
-        return module.dense_weight()
-    return module.weight
+    return weight_of(model.get_submodule(name))
 
 
 class SingularValueTrajectory(L.Callback):

@@ -38,7 +38,9 @@ class DeepLinearNetwork(nn.Module):
 
     def end_to_end(self) -> torch.Tensor:
         """The product ``W_L ... W_1`` (output x input)."""
-        product = self.layers[0].weight
+        from compresslab.models.utils import weight_of
+
+        product = weight_of(self.layers[0])
         for layer in self.layers[1:]:
-            product = layer.weight @ product
+            product = weight_of(layer) @ product
         return product

@@ -18,3 +18,8 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def count_params(module: nn.Module) -> int:
     """Parameters, counting tied (shared) tensors once."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def weight_of(module: nn.Module):
+    """The (out, in) matrix a linear-like module applies (low-rank layers: their product)."""
+    return module.dense_weight() if hasattr(module, "dense_weight") else module.weight
