@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, compose_cfg
 from torch import nn
 
 from compresslab.models.adapters import UnknownArchitectureError, adapter_for
 from compresslab.models.sources import DataSpec, DeepLinear, TinyLlama, TinyViT
 from compresslab.pipeline import run
+from conftest import TINY_LLAMA, compose_cfg
 
 
 def test_llama_adapter_names_attention_and_mlp():

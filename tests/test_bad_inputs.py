@@ -4,10 +4,10 @@ Each row of the README's bad-input table has a case here.
 """
 
 import pytest
-from conftest import TINY_LLAMA, compose_cfg, run_cli
 
 from compresslab.errors import ConfigError
 from compresslab.pipeline import run
+from conftest import TINY_LLAMA, compose_cfg, run_cli
 
 CLI_CASES = {
     "ratio above 1": (["method.ratio=1.5"], "method.ratio must lie strictly between 0 and 1"),

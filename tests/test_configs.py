@@ -1,8 +1,9 @@
 """Every config choice composes, and its _target_ objects instantiate (no real work)."""
 
 import pytest
-from conftest import CONFIGS, compose_cfg
 from hydra.utils import instantiate
+
+from conftest import CONFIGS, compose_cfg
 
 GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
           for g in ("model", "method", "dataset", "trainer", "logger", "experiment")}

@@ -3,11 +3,11 @@
 import json
 
 import torch
-from conftest import compose_cfg
 
 from compresslab.data.matrix import spread_low_rank_target
 from compresslab.models.dln import DeepLinearNetwork
 from compresslab.pipeline import run
+from conftest import compose_cfg
 
 DLN_SMALL = ["experiment=dln_factorization", "dataset.datamodule.d=20",
              "dataset.datamodule.r=2", "method.stages.train.max_steps=1000",

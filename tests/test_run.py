@@ -5,13 +5,13 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, TINY_VIT, compose_cfg, read_metrics, run_cli
 from hydra.utils import instantiate
 
 from compresslab import load_compressed
 from compresslab.models.adapters import adapter_for
 from compresslab.pipeline import run
 from compresslab.stages.modules import EvalModule
+from conftest import TINY_LLAMA, TINY_VIT, compose_cfg, read_metrics, run_cli
 
 
 @pytest.mark.parametrize("model_args", [TINY_LLAMA, TINY_VIT], ids=["llama_tiny", "vit_tiny"])

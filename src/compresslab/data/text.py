@@ -145,7 +145,8 @@ class TextBlocksDataModule(TaskDataModule):
                 raise ConfigError(f"dataset {self.name}: the {s} split has fewer than "
                                   f"block_size={self.block_size} tokens")
         self.info = {**ident, "tokens": {s: int(len(ids[s])) for s in SPLITS},
-                     "vocab_size": self.tokenizer.vocab_size}
+                     "vocab_size": self.tokenizer.vocab_size,
+                     "tokenizer": self.tokenizer.identity()}
 
     def _cache_folder(self, identity: dict[str, Any]) -> Path:
         key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]

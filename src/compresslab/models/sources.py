@@ -169,8 +169,9 @@ class TimmViT(ModelSource):
     loads_weights = True
 
     def __init__(self, name: str = "vit_tiny_patch16_224", weights: str | None = None,
-                 img_size: int | None = None):
+                 img_size: int | None = None, kwargs: dict | None = None):
         self.name, self.weights, self.img_size = name, weights, img_size
+        self.kwargs = dict(kwargs or {})  # extra timm constructor arguments (e.g. patch_size)
 
     def check(self) -> None:
         if not self.weights:
@@ -185,21 +186,24 @@ class TimmViT(ModelSource):
         model = self.skeleton(spec)
         state = read_state_dict(Path(self.weights).expanduser())
         own = model.state_dict()
-        head = {k for k in state if k.startswith("head.") and state[k].shape != own[k].shape}
-        for k in head:
+        misfit = {k for k in state if k in own and state[k].shape != own[k].shape}
+        for k in [k for k in misfit if k.startswith("head.")]:  # a new head is trained here
             state.pop(k)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        wrong = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+            misfit.discard(k)
+        missing = [k for k in own if k not in state and not k.startswith("head.")]
+        wrong = sorted(misfit) + missing + [k for k in state if k not in own]
         if wrong:
             raise ConfigError(f"weights file {self.weights} does not fit timm model "
                               f"{self.name}: {len(wrong)} mismatched tensors, e.g. {wrong[0]}")
+        model.load_state_dict(state, strict=False)
         return model
 
     def skeleton(self, spec: DataSpec) -> nn.Module:
         import timm
 
         return timm.create_model(self.name, pretrained=False, num_classes=spec.num_classes,
-                                 in_chans=spec.channels, img_size=self.img_size or spec.image_size)
+                                 in_chans=spec.channels, img_size=self.img_size or spec.image_size,
+                                 **self.kwargs)
 
 
 class DeepLinear(ModelSource):
