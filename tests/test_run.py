@@ -89,3 +89,16 @@ def test_base_pretrained_on_another_dataset_shares_its_tokenizer(shared_root, tm
     assert metrics["test/ppl"] != plain["test/ppl"]  # evaluated on the run's own text
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["data"]["vocab_size"] <= 512 and info["data"]["corpus"] == "text_files"
+
+
+def test_same_config_and_seed_give_identical_metrics(shared_root, tmp_path):
+    runs = [run(compose_cfg([*TINY_LLAMA, "method=svd", "method.ratio=0.6"], shared_root,
+                            tmp_path / name)) for name in ("a", "b")]
+
+
+    def untimed(metrics):  # wall times differ; the first run may have pre-trained the base
+        return {k: v for k, v in metrics.items()
+                if "time" not in k and k != "base/cached" and not k.startswith("pretrain/")}
+
+    assert untimed(runs[0]) == untimed(runs[1])
+    assert untimed(read_metrics(tmp_path / "a")) == untimed(read_metrics(tmp_path / "b"))
