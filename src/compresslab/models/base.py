@@ -34,7 +34,8 @@ def data_identity(data_cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
     raw = OmegaConf.to_container(data_cfg, resolve=True)
     settings = {k: v for k, v in raw.get("datamodule", {}).items()
                 if k not in data.loader_args or k == "batch_size"}
-    ident = getattr(data, "info", None) or {}
+    # the tokenizer follows from the corpus and settings (own BPE) or from the model's path
+    ident = {k: v for k, v in (getattr(data, "info", None) or {}).items() if k != "tokenizer"}
     return {"name": data_cfg.name, "settings": settings, "content": ident}
 
 
