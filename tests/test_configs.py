@@ -41,3 +41,8 @@ def test_hydra_launchers_compose(launcher):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
                       return_hydra_config=True)
     assert "Launcher" in cfg.hydra.launcher._target_
+
+
+def test_experiment_presets_override_top_level_keys(tmp_path):
+    cfg = compose_cfg(["experiment=dln_factorization"], tmp_path)
+    assert cfg.group == "dln_factorization" and cfg.save_model is False
