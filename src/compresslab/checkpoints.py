@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ def _apply_lowrank(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
 
     return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
                          bias=entry["bias"], dtype=module.weight.dtype)
+
+
+@plan_applier("resized_linear")
+def _apply_resized_linear(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """A linear of new shape (e.g. a width-reduced deep linear network's layer)."""
+    return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"],
+                     dtype=module.weight.dtype)
 
 
 def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
@@ -93,7 +101,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError,
+            pickle.UnpicklingError) as exc:
         raise ConfigError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") \
             from None
     if isinstance(state, dict) and "state_dict" in state:
@@ -155,7 +164,9 @@ def load_compressed(folder: str | Path) -> nn.Module:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from compresslab.compress import soka  # noqa: F401  (registers "kronecker_adapter")
     from compresslab.models.sources import DataSpec
+    from compresslab.stages import prune  # noqa: F401  (registers the "pruned_linear" kind)
 
     folder = Path(folder)
     plan = read_plan(folder)

@@ -157,3 +157,73 @@ class BlockwiseCalibration:
             yield index, block
             if index + 1 < len(self.blocks_list):
                 self.advance(block)
+
+
+def squared_gradients(model: nn.Module, adapter: ArchitectureAdapter, task, batches: list,
+                      layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per output row of each layer: ``sum over batches and columns of (dL/dW_ij)^2``.
+
+    FWSVD's Fisher row importance. It needs one backward pass of the task loss through
+    the whole model per batch; only the selected layers' weights require gradients, and
+    the result is one vector of ``out_features`` (float64) per layer.
+    """
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {name: layer.weight for name, layer in layers.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {name: torch.zeros(w.shape[0], dtype=torch.float64) for name, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                grads = torch.autograd.grad(task.loss(model, adapter, batch),
+                                            list(weights.values()))
+                for name, g in zip(weights, grads):
+                    sums[name] += g.double().pow(2).sum(1)
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return sums
+
+
+class CalibrationSettings:
+    """Which calibration samples a method sees (the same for every method by default).
+
+    ``num_samples`` sequences (or images) of the train split, ``batch_size`` per forward
+    pass, the first ``seq_len`` tokens of each text block (null: the whole block), drawn
+    with ``seed``. ``data``: another datamodule to draw them from (its train split,
+    tokenized with the run's tokenizer); null uses the run's own dataset.
+    """
+
+    def __init__(self, num_samples: int = 64, batch_size: int = 16, seq_len: int | None = None,
+                 seed: int = 0, data: Any | None = None):
+        self.num_samples, self.batch_size, self.seq_len = num_samples, batch_size, seq_len
+        self.seed, self.data = seed, data
+
+    def check(self, run_data: Any) -> None:
+        from compresslab.errors import ConfigError
+
+        for what in ("num_samples", "batch_size"):
+            if int(getattr(self, what)) < 1:
+                raise ConfigError(f"calibration.{what} must be at least 1, "
+                                  f"got {getattr(self, what)}")
+        block = getattr(self.data or run_data, "block_size", None)
+        if self.seq_len is not None and (self.seq_len < 2 or (block and self.seq_len > block)):
+            raise ConfigError(f"calibration.seq_len={self.seq_len} must lie in [2, block_size="
+                              f"{block}]")
+        if self.data is not None:
+            self.data.check()
+
+    def batches(self, run_data: Any) -> list:
+        from compresslab.data.base import calibration_batches
+
+        data = run_data
+        if self.data is not None:
+            data = self.data
+            if not data._splits:
+                data.load(tokenizer=run_data.shared_tokenizer())
+        batches = calibration_batches(data, self.num_samples, self.batch_size, self.seed)
+        if self.seq_len is not None:
+            batches = [b[:, :self.seq_len] for b in batches]
+        return batches

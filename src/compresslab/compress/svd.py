@@ -23,6 +23,20 @@ class Decomposer:
                  stats: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    # -- calibrated decomposers (``needs_calibration = True``) override these ---------------
+    def input_statistic(self) -> Any | None:
+        """A fresh ``InputStatistic`` collected on each layer's inputs, block by block on the
+        already-compressed prefix (None: no input statistics needed)."""
+        return None
+
+    def model_statistics(self, model, adapter, task, batches, layers) -> dict[str, Any]:
+        """Statistics that need the whole model (e.g. gradients), by layer name."""
+        return {}
+
+    def report(self) -> dict[str, float]:
+        """Numbers worth logging after decomposing (e.g. numerical repairs)."""
+        return {}
+
 
 class PlainSVD(Decomposer):
     """Truncated SVD: the best rank-k approximation of W in Frobenius norm."""

@@ -36,6 +36,11 @@ class ArchitectureAdapter:
         """Role -> linear of the block's MLP (e.g. gate, up, down)."""
         return {}
 
+    def attention_groups(self, block: nn.Module) -> tuple[int, int, int]:
+        """``(key/value heads, query heads per key/value head, head dim)`` of the block's
+        attention as it is now (after structured pruning too)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe attention heads")
+
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs)
 
@@ -77,6 +82,10 @@ class LlamaAdapter(ArchitectureAdapter):
     def mlp_linears(self, block):
         m = block.mlp
         return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+    def attention_groups(self, block):
+        a = block.self_attn
+        return a.k_proj.out_features // a.head_dim, a.num_key_value_groups, a.head_dim
 
     def logits(self, model, inputs):
         return model(input_ids=inputs, use_cache=False).logits

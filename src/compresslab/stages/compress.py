@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from compresslab.callbacks.progress import progress_enabled, track
+from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSettings
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import lowrank_params, resolve_rank
 from compresslab.compress.svd import Decomposer
@@ -38,14 +39,22 @@ class LowRankStage(Stage):
     ``compress.ratio.rank_for_ratio``); or an explicit ``rank`` for every layer.
     ``roles``: adapter roles to compress (null = all attention and MLP linears).
     ``omit``: substrings of qualified names to leave dense.
+    ``calibration``: samples for decomposers with ``needs_calibration``
+    (:class:`~compresslab.compress.calibration.CalibrationSettings` or its options);
+    their input statistics are collected block by block on the already-compressed
+    prefix, so only one block's statistics are alive at a time.
     """
 
     def __init__(self, decomposer: Decomposer, ratio: float | None = None,
                  rank: int | None = None, round_to: int = 1,
-                 roles: Sequence[str] | None = None, omit: Sequence[str] = ()):
+                 roles: Sequence[str] | None = None, omit: Sequence[str] = (),
+                 calibration: CalibrationSettings | dict | None = None):
         self.decomposer, self.ratio, self.rank, self.round_to = decomposer, ratio, rank, round_to
         self.roles = list(roles) if roles is not None else None
         self.omit = list(omit)
+        if not isinstance(calibration, CalibrationSettings):
+            calibration = CalibrationSettings(**dict(calibration or {}))
+        self.calibration = calibration
 
     def ranks(self, model: nn.Module, ctx: RunContext) -> dict[str, int]:
         layers = select_linears(model, ctx.adapter, self.roles, self.omit)
@@ -59,16 +68,45 @@ class LowRankStage(Stage):
         if not self.ranks(model, ctx):
             raise ConfigError(f"stage {self.name}: no layer matches roles={self.roles} "
                               f"omit={self.omit}")
+        if self.decomposer.needs_calibration:
+            self.calibration.check(ctx.data)
+
+    def layers_with_stats(self, model: nn.Module, ctx: RunContext, ranks: dict[str, int]):
+        """Yield ``(name, rank, stats)``; with calibration, block by block: the caller
+        replaces the layers of a block before the next block's statistics are collected."""
+        if not self.decomposer.needs_calibration:
+            for name, rank in ranks.items():
+                yield name, rank, None
+            return
+        batches = self.calibration.batches(ctx.data)
+        task = (self.calibration.data or ctx.data).task
+        layers = {name: model.get_submodule(name) for name in ranks}
+        whole = self.decomposer.model_statistics(model, ctx.adapter, task, batches, layers)
+        if self.decomposer.input_statistic() is None:
+            for name, rank in ranks.items():
+                yield name, rank, whole.get(name)
+            return
+        names = {id(m): n for n, m in model.named_modules()}
+        calib = BlockwiseCalibration(model, ctx.adapter, batches)
+        for _, block in calib:
+            mine = {names[id(lin)]: lin for lin in ctx.adapter.block_linears(block).values()
+                    if names.get(id(lin)) in ranks}
+            stats = calib.collect(block, mine, self.decomposer.input_statistic)
+            for name in mine:
+                yield name, ranks[name], stats.pop(name)
+            del stats
 
     def run(self, model, ctx):
         start = time.perf_counter()
         ranks = self.ranks(model, ctx)
         dense_total = count_params(model)
         kept = dense = 0
-        for name, rank in track(ranks.items(), f"{self.name}: factorising", total=len(ranks),
-                                enabled=progress_enabled(ctx.cfg)):
+        for name, rank, stats in track(self.layers_with_stats(model, ctx, ranks),
+                                       f"{self.name}: factorising", total=len(ranks),
+                                       enabled=progress_enabled(ctx.cfg)):
             layer = model.get_submodule(name)
-            left, right = self.decomposer(layer.weight, rank, name)
+            left, right = self.decomposer(layer.weight, rank, name, stats)
+            del stats  # keep at most one block's statistics alive
             set_module(model, name, LowRankLinear.from_factors(left, right, layer.bias))
             dense += layer.in_features * layer.out_features
             kept += lowrank_params(layer.in_features, layer.out_features, rank)
@@ -78,5 +116,6 @@ class LowRankStage(Stage):
         ctx.log({f"{self.name}/params_ratio": 1 - kept / dense,
                  f"{self.name}/model_params_ratio": 1 - count_params(model) / dense_total,
                  f"{self.name}/layers": len(ranks),
+                 **{f"{self.name}/{k}": v for k, v in self.decomposer.report().items()},
                  f"{self.name}/time_s": time.perf_counter() - start})
         return model

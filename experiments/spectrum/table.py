@@ -1,0 +1,106 @@
+"""SVD-family table: test perplexity per ratio for svd, fwsvd, asvd, svd_llm, spectrum
+beside the dense model, the achieved ratios, and whether the expected order holds.
+
+    python experiments/spectrum/table.py --runs outputs/spectrum_runs/<stamp>
+
+Writes ``<tables>/spectrum.md``, ``<tables>/spectrum.png`` (perplexity vs ratio, log
+scale) and copies each spectrum run's rank heat map to ``spectrum_ranks_r<ratio>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from compresslab.report import aggregate, collect_runs, fmt, line_plot, markdown_table
+
+METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "spectrum"]
+RATIO_KEY = {"spectrum": "spectrum/params_ratio"}  # others: compress/params_ratio
+
+
+def cells(records: list[dict]) -> tuple[dict, dict, float | None]:
+    """(method, ratio) -> mean test ppl, (method, ratio) -> achieved ratio, dense ppl."""
+    keys = ["test/ppl", "compress/params_ratio", "spectrum/params_ratio", "dense/test_ppl"]
+    groups = aggregate(records, ["method.name", "method.ratio"], keys)
+    ppl, achieved, dense = {}, {}, None
+    for g in groups:
+        method, ratio = g["method.name"], g["method.ratio"]
+        if method == "none":
+            dense = g["test/ppl"][0] if g["test/ppl"] else None
+            continue
+        if g["test/ppl"]:
+            ppl[(method, ratio)] = g["test/ppl"][0]
+        got = g[RATIO_KEY.get(method, "compress/params_ratio")]
+        if got:
+            achieved[(method, ratio)] = got[0]
+    return ppl, achieved, dense
+
+
+def model_label(model_cfg: dict) -> str:
+    """``name`` plus its width x depth when the source has them (e.g. llama_tiny 128x4)."""
+    source = model_cfg.get("source", {})
+    size = [source.get(k) for k in ("hidden_size", "num_layers")]
+    name = model_cfg.get("name", "?")
+    return f"{name} {size[0]}x{size[1]}" if all(size) else name
+
+
+def order_checks(ppl: dict, ratios: list[float]) -> list[str]:
+    """One line per ratio: does svd_llm < asvd < svd and spectrum <= svd_llm hold?"""
+    lines = []
+    for r in ratios:
+        v = {m: ppl.get((m, r)) for m in METHODS}
+        if None in (v["svd"], v["asvd"], v["svd_llm"], v["spectrum"]):
+            lines.append(f"- ratio {r}: incomplete")
+            continue
+        first = v["svd_llm"] < v["asvd"] < v["svd"]
+        second = v["spectrum"] <= v["svd_llm"]
+        margin = (v["svd_llm"] - v["spectrum"]) / v["svd_llm"]
+        lines.append(f"- ratio {r}: svd_llm < asvd < svd: {'yes' if first else 'NO'}; "
+                     f"spectrum <= svd_llm: {'yes' if second else 'NO'} "
+                     f"(spectrum vs svd_llm: {100 * margin:+.1f}% lower ppl)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help="the sweep folder (sweep.py --out)")
+    parser.add_argument("--tables", default="outputs/tables")
+    args = parser.parse_args()
+    records = collect_runs(args.runs)
+    if not records:
+        raise SystemExit(f"error: no finished runs below {args.runs}")
+    ppl, achieved, dense = cells(records)
+    ratios = sorted({r for _, r in ppl})
+    methods = [m for m in METHODS if any((m, r) in ppl for r in ratios)]
+    rows = [[r, fmt(dense) if dense else "-", *[ppl.get((m, r), "-") for m in methods]]
+            for r in ratios]
+    ratio_rows = [[r, *[achieved.get((m, r), "-") for m in methods]] for r in ratios]
+    model = model_label(records[0]["cfg"].get("model", {}))
+    data = next((rec["cfg"].get("dataset", {}).get("name") for rec in records), "?")
+    text = (f"# SVD family vs learned spectrum: {model} on {data}\n\n"
+            f"Test perplexity (lower is better); ratio = fraction of the compressed layers' "
+            f"weights removed. Runs: `{args.runs}` (W&B group `spectrum`).\n\n"
+            + markdown_table(["ratio", "dense", *methods], rows)
+            + "\nAchieved ratio of the compressed layers:\n\n"
+            + markdown_table(["ratio", *methods], ratio_rows)
+            + "\nExpected order (svd_llm < asvd < svd, spectrum <= svd_llm):\n\n"
+            + "\n".join(order_checks(ppl, ratios)) + "\n")
+    out = Path(args.tables)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spectrum.md").write_text(text)
+    series = {m: ([r for r in ratios if (m, r) in ppl], [ppl[(m, r)] for r in ratios
+                                                          if (m, r) in ppl]) for m in methods}
+    if dense:
+        series["dense"] = (ratios, [dense] * len(ratios))
+    line_plot(series, out / "spectrum.png", xlabel="ratio (fraction of layer weights removed)",
+              ylabel="test perplexity", title=f"{model} / {data}", logy=True)
+    for rec in records:
+        heat = Path(rec["dir"]) / "spectrum_ranks.png"
+        if heat.is_file():
+            shutil.copy(heat, out / f"spectrum_ranks_r{rec['cfg']['method']['ratio']}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+# SVD family vs learned spectrum (specs/spectrum.md, docs/spectrum.md).
+# SPECTRUM_RUNS: the sweep folder; SPECTRUM_ARGS: sweep.py options, then `--` and overrides
+# for every run (e.g. SPECTRUM_ARGS="-- model=llama model.path=/data/llama dataset=text_files ...").
+ifndef SPECTRUM_RUNS
+SPECTRUM_RUNS := outputs/spectrum_runs/$(shell date +%Y%m%d-%H%M%S)
+endif
+SPECTRUM_ARGS ?=
+.PHONY: table-spectrum table-spectrum-quick
+
+table-spectrum: install ## SVD/FWSVD/ASVD/SVD-LLM/spectrum ppl at ratio 0.2-0.8 (llama_tiny/pycode)
+	nice -n 10 $(BIN)/python experiments/spectrum/sweep.py --out $(SPECTRUM_RUNS) $(SPECTRUM_ARGS)
+	$(BIN)/python experiments/spectrum/table.py --runs $(SPECTRUM_RUNS)
+
+table-spectrum-quick: install ## the spectrum table's smoke run: ratios 0.4,0.8, few gate steps
+	nice -n 10 $(BIN)/python experiments/spectrum/sweep.py --out $(SPECTRUM_RUNS) \
+		--ratios 0.4,0.8 --spectrum-steps 20 --finetune-steps 10
+	$(BIN)/python experiments/spectrum/table.py --runs $(SPECTRUM_RUNS)

@@ -1,0 +1,66 @@
+"""Training statistics for adapter comparisons: gradient-norm mean/variance and the
+number of steps needed to reach a target training loss."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+
+class GradNormStats(L.Callback):
+    """Global L2 norm of the trainable gradients before each optimiser step (before
+    clipping); logs ``train/grad_norm`` and keeps every value for mean and variance."""
+
+    def __init__(self, log_every: int = 10):
+        self.log_every = log_every
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.detach().double() for p in pl_module.parameters()
+                 if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        self.norms.append(norm)
+        if trainer.logger is not None and len(self.norms) % self.log_every == 0:
+            trainer.logger.log_metrics({"train/grad_norm": norm}, step=trainer.global_step)
+
+    def summary(self) -> dict[str, float]:
+        if not self.norms:
+            return {}
+        values = torch.tensor(self.norms, dtype=torch.float64)
+        var = float(values.var(unbiased=False))
+        return {"grad_norm_mean": float(values.mean()), "grad_norm_var": var}
+
+
+class LossTracker(L.Callback):
+    """Per-step training loss and its exponential moving average; the first step whose
+    smoothed loss is at or below ``target_loss`` (smoothing keeps one lucky batch from
+    counting as convergence)."""
+
+    def __init__(self, target_loss: float | None = None, smoothing: float = 0.9):
+        self.target_loss, self.smoothing = target_loss, smoothing
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.steps_to_target: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(loss.detach())
+        ema = value if not self.smoothed else (
+            self.smoothing * self.smoothed[-1] + (1 - self.smoothing) * value)
+        self.losses.append(value)
+        self.smoothed.append(ema)
+        if (self.steps_to_target is None and self.target_loss is not None
+                and ema <= self.target_loss):
+            self.steps_to_target = len(self.losses)
+
+    def summary(self) -> dict[str, float]:
+        if self.target_loss is None:
+            return {}
+        out = {"target_reached": int(self.steps_to_target is not None)}
+        if self.steps_to_target is not None:
+            out["steps_to_target"] = self.steps_to_target
+        return out

@@ -1,0 +1,317 @@
+"""Structured pruning of attention heads and MLP channels (specs/numerical_pruning.md).
+
+Pure torch, no Lightning. Convention of the spec: a linear computes ``Y = X W``
+with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.
+
+* a **structure** is one attention group (a key/value head with the query heads
+  that share it; with plain multi-head attention that is one head) or one MLP
+  intermediate channel; it is scored from the inputs of the layer that consumes
+  it (o_proj / down_proj);
+* **criteria** (:class:`NumericalScore`, :class:`MagnitudeScore`,
+  :class:`WandaScore`, :class:`FluctuationScore`) share one call signature
+  ``criterion(weight, inputs, group_size) -> structure scores`` (higher = keep);
+* **allocators** (:class:`GlobalAllocation`, :class:`UniformAllocation`) turn the
+  scores of every layer into the set of structures to remove;
+* **compensators** (:class:`OBSCompensation`, :class:`BiasCompensation`) update
+  the consuming layer before its pruned input rows are deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compresslab.compress.calibration import InputStatistic
+
+
+class LayerInputs(InputStatistic):
+    """Gram matrix ``X^T X`` (float64) and per-channel moments of one layer's inputs."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.sum = self.sq_sum = None
+        self.count = 0
+
+    def update(self, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        if self.gram is None:
+            self.gram, self.sum, self.sq_sum = x.T @ x, x.sum(0), x.pow(2).sum(0)
+        else:
+            self.gram.addmm_(x.T, x)
+            self.sum += x.sum(0)
+            self.sq_sum += x.pow(2).sum(0)
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.sq_sum / self.count - self.mean.pow(2)).clamp_min(0)
+
+    @property
+    def l2_norm(self) -> torch.Tensor:
+        return self.sq_sum.sqrt()
+
+
+def group_reduce(channel_scores: torch.Tensor, group_size: int, how: str) -> torch.Tensor:
+    """Per-structure score from per-input-channel scores (consecutive groups)."""
+    grouped = channel_scores.reshape(-1, group_size)
+    return grouped.mean(1) if how == "mean" else grouped.sum(1)
+
+
+# -- numerical score (Newton's method on the soft mask) -------------------------------------
+
+def mask_hessian(weight: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``Hl = (W W^T) o (X^T X)``, scaled to unit mean diagonal, plus ``damping * I``.
+
+    The scaling makes ``lambda`` and ``damping`` independent of the activation scale."""
+    w = weight.double().T                       # D x D'
+    hl = (w @ w.T) * gram.double()
+    hl = hl / hl.diagonal().mean().clamp_min(1e-30)
+    return hl + damping * torch.eye(len(hl), dtype=hl.dtype)
+
+
+def numerical_mask(hl: torch.Tensor, keep: float, lam: float) -> torch.Tensor:
+    """Closed-form minimiser ``z* = 1 - c Hl^{-1} 1`` of the quadratic mask objective
+    ``1/2 (1-z)^T Hl (1-z) + lam/2 (<1,z> - keep)^2``."""
+    d = len(hl)
+    hinv_one = torch.linalg.solve(hl, torch.ones(d, dtype=hl.dtype))
+    c = lam * (d - keep) / (1 + lam * hinv_one.sum())
+    return 1 - c * hinv_one
+
+
+def numerical_mask_newton(hl: torch.Tensor, keep: float, lam: float, steps: int = 50,
+                          start: torch.Tensor | None = None) -> torch.Tensor:
+    """The same minimiser by the paper's iterated Newton steps ``z <- z - H^{-1} g``."""
+    d = len(hl)
+    one = torch.ones(d, dtype=hl.dtype)
+    hess = hl + lam * torch.outer(one, one)
+    z = one.clone() if start is None else start.to(hl.dtype).clone()
+    for _ in range(steps):
+        grad = hl @ (z - 1) + lam * (z.sum() - keep) * one
+        z = z - torch.linalg.solve(hess, grad)
+    return z
+
+
+# -- importance criteria: criterion(weight, inputs, group_size) -> scores (higher = keep) ----
+
+class Criterion:
+    """Scores the input structures of a consuming linear (``weight``: out x in)."""
+
+    #: structure scores are comparable across layers (global allocation) only after this
+    standardize: bool = False
+
+    def __call__(self, weight: torch.Tensor, inputs: LayerInputs,
+                 group_size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NumericalScore(Criterion):
+    """Soft-mask score of the numerical pruning paper: ``z*`` per input channel, the mean
+    over a structure's channels. ``ratio`` sets the mask budget ``r = (1 - ratio) D``;
+    ``newton_steps > 0`` iterates Newton instead of the closed form (same result)."""
+
+    def __init__(self, ratio: float, lam: float = 1.0, damping: float = 1e-4,
+                 newton_steps: int = 0):
+        self.ratio, self.lam, self.damping, self.newton_steps = ratio, lam, damping, newton_steps
+
+    def __call__(self, weight, inputs, group_size):
+        hl = mask_hessian(weight, inputs.gram, self.damping)
+        keep = (1 - self.ratio) * len(hl)
+        z = (numerical_mask_newton(hl, keep, self.lam, self.newton_steps)
+             if self.newton_steps else numerical_mask(hl, keep, self.lam))
+        return group_reduce(z, group_size, "mean")
+
+
+class MagnitudeScore(Criterion):
+    """Magnitude-sp: L2 norm of a structure's input rows of the consuming layer."""
+
+    def __call__(self, weight, inputs, group_size):
+        return group_reduce(weight.double().pow(2).sum(0), group_size, "sum").sqrt()
+
+
+class WandaScore(Criterion):
+    """Wanda-sp: ``mean_i |W_ij| * ||X_j||_2`` per channel, summed over a structure."""
+
+    def __call__(self, weight, inputs, group_size):
+        channel = weight.double().abs().mean(0) * inputs.l2_norm
+        return group_reduce(channel, group_size, "sum")
+
+
+class FluctuationScore(Criterion):
+    """FLAP: ``Var(X_j) * ||W_j||^2`` (fluctuation), mean over a structure; standardised
+    per layer before the global allocation."""
+
+    standardize = True
+
+    def __call__(self, weight, inputs, group_size):
+        channel = inputs.variance * weight.double().pow(2).sum(0)
+        return group_reduce(channel, group_size, "mean")
+
+
+def standardized(scores: torch.Tensor) -> torch.Tensor:
+    std = scores.std() if len(scores) > 1 else scores.new_tensor(0.0)
+    return (scores - scores.mean()) / (std if std > 0 else 1.0)
+
+
+# -- allocation across layers ---------------------------------------------------------------
+
+@dataclass
+class LayerScores:
+    """The structures of one kind ("attention" or "mlp") in one block."""
+
+    block: int
+    kind: str
+    scores: torch.Tensor          # one per structure
+    params_each: int              # parameters a structure carries
+
+
+class Allocator:
+    """``allocator(layers, ratio) -> {(block, kind): indices to remove}``."""
+
+    def __call__(self, layers: Sequence[LayerScores], ratio: float
+                 ) -> dict[tuple[int, str], list[int]]:
+        raise NotImplementedError
+
+
+class GlobalAllocation(Allocator):
+    """Remove the lowest-scoring structures of all layers together until the removed
+    parameters reach ``ratio`` of the prunable ones. A structure that would overshoot
+    the target is skipped (a smaller one may still fit), so the achieved reduction is
+    below the target by less than the smallest structure. Every layer keeps at least
+    ``min_keep`` structures (a layer with none left cannot run)."""
+
+    def __init__(self, min_keep: int = 1):
+        self.min_keep = min_keep
+
+    def __call__(self, layers, ratio):
+        target = ratio * sum(len(ls.scores) * ls.params_each for ls in layers)
+        ranked = sorted(((float(s), i, j) for i, ls in enumerate(layers)
+                         for j, s in enumerate(ls.scores)), key=lambda t: (t[0], t[1], t[2]))
+        removed = {(ls.block, ls.kind): [] for ls in layers}
+        smallest = min(ls.params_each for ls in layers)
+        done = 0
+        for _score, i, j in ranked:
+            if target - done < smallest:
+                break
+            ls = layers[i]
+            chosen = removed[(ls.block, ls.kind)]
+            if done + ls.params_each > target or len(ls.scores) - len(chosen) <= self.min_keep:
+                continue
+            chosen.append(j)
+            done += ls.params_each
+        return {k: sorted(v) for k, v in removed.items()}
+
+
+class UniformAllocation(Allocator):
+    """The same ratio in every block: ``round(ratio * heads)`` attention groups, then
+    MLP channels up to ``ratio`` of the block's prunable parameters."""
+
+    def __call__(self, layers, ratio):
+        by_block: dict[int, dict[str, LayerScores]] = {}
+        for ls in layers:
+            by_block.setdefault(ls.block, {})[ls.kind] = ls
+        removed = {}
+        for block, kinds in by_block.items():
+            budget = ratio * sum(len(ls.scores) * ls.params_each for ls in kinds.values())
+            for kind in sorted(kinds):          # "attention" before "mlp"
+                ls = kinds[kind]
+                n = len(ls.scores)
+                count = round(ratio * n) if kind != "mlp" else round(budget / ls.params_each)
+                count = max(0, min(count, n - 1))
+                budget -= count * ls.params_each
+                removed[(block, kind)] = sorted(torch.argsort(ls.scores)[:count].tolist())
+        return removed
+
+
+# -- compensation of the consuming layer ----------------------------------------------------
+
+class Compensator:
+    """``compensator(linear, inputs, pruned)`` updates ``linear`` in place before the
+    input channels ``pruned`` are deleted from it."""
+
+    def __call__(self, linear: nn.Linear, inputs: LayerInputs, pruned: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
+               damping: float) -> torch.Tensor:
+    """Group-OBS row removal: ``W + dW*`` with ``dW* = -G^{-1} M (M^T G^{-1} M)^{-1} M^T W``,
+    ``G = 2 X^T X + gamma I``, ``gamma = damping * mean diag(2 X^T X)``.
+
+    ``weight``: out x in (an ``nn.Linear`` weight); returns the updated weight, whose
+    pruned input columns are zero."""
+    g = 2 * gram.double()
+    g = g + damping * g.diagonal().mean().clamp_min(1e-30) * torch.eye(len(g), dtype=g.dtype)
+    w = weight.double().T                                    # D x D'
+    ginv = torch.linalg.inv(g)
+    cols = ginv[:, pruned]                                   # G^{-1} M
+    delta = -cols @ torch.linalg.solve(cols[pruned], w[pruned])
+    updated = w + delta
+    updated[pruned] = 0                                      # exact zeros (round-off)
+    return updated.T.to(weight.dtype)
+
+
+class OBSCompensation(Compensator):
+    """Group-OBS update of the remaining input rows (``damping``: relative gamma)."""
+
+    def __init__(self, damping: float = 0.01):
+        self.damping = damping
+
+    def __call__(self, linear, inputs, pruned):
+        if len(pruned):
+            linear.weight.data.copy_(obs_update(linear.weight.data, inputs.gram, pruned,
+                                                self.damping))
+
+
+class BiasCompensation(Compensator):
+    """FLAP: add the pruned channels' mean contribution ``W[:, p] x_mean[p]`` to the bias
+    (the layer gets a bias if it had none)."""
+
+    def __call__(self, linear, inputs, pruned):
+        if not len(pruned):
+            return
+        shift = (linear.weight.data.double()[:, pruned] @ inputs.mean[pruned]).to(
+            linear.weight.dtype)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features,
+                                                   dtype=linear.weight.dtype))
+        linear.bias.data += shift
+
+
+# -- physical removal -------------------------------------------------------------------------
+
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new linear keeping output ``rows`` and input ``cols`` (None: all)."""
+    weight = linear.weight.data
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    dtype=weight.dtype, device=weight.device)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.data if rows is None else linear.bias.data[rows])
+    return new
+
+
+def kept_channels(num_structures: int, group_size: int, removed: Sequence[int]) -> torch.Tensor:
+    """Channel indices of the kept structures (each ``group_size`` consecutive channels)."""
+    mask = torch.ones(num_structures, dtype=torch.bool)
+    mask[list(removed)] = False
+    return (torch.arange(num_structures * group_size).reshape(num_structures, group_size)
+            [mask].flatten())
+
+
+def removed_channels(num_structures: int, group_size: int,
+                     removed: Sequence[int]) -> torch.Tensor:
+    chans = torch.arange(num_structures * group_size).reshape(num_structures, group_size)
+    return chans[list(removed)].flatten() if len(removed) else torch.zeros(0, dtype=torch.long)
+

@@ -1,0 +1,245 @@
+"""Structured pruning stage: numerical pruning and its baselines (docs/numerical_pruning.md).
+
+Two block-by-block passes over the calibration samples:
+
+1. **score** every attention group and MLP channel of every block from the inputs
+   of o_proj / down_proj on the dense model, and let the allocator pick the
+   structures to remove across all blocks (the global allocation needs every
+   layer's scores before any layer changes);
+2. **prune** block by block on the already-pruned model's activations: collect
+   the consuming layer's input statistics, compensate it (group OBS or FLAP's
+   bias), then physically delete the rows/columns of q/k/v/o and gate/up/down.
+
+Grouped-query attention: a structure is a whole key/value group (the k/v head
+and the query heads sharing it), so every block keeps the model's query heads
+per key/value head and HF's attention needs no per-layer attribute change.
+Every layer keeps at least one group and one channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresslab.checkpoints import plan_applier
+from compresslab.compress.calibration import BlockwiseCalibration
+from compresslab.compress.structured_pruning import (
+    Allocator,
+    Compensator,
+    Criterion,
+    LayerInputs,
+    LayerScores,
+    kept_channels,
+    removed_channels,
+    sliced_linear,
+    standardized,
+)
+from compresslab.errors import ConfigError
+from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.utils import count_params, set_module
+from compresslab.stages.base import RunContext, Stage
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+
+
+@plan_applier("pruned_linear")
+def _apply_pruned_linear(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """A linear with the pruned shape (rows/columns of removed structures deleted)."""
+    return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"],
+                     dtype=module.weight.dtype)
+
+
+# -- what a structure is, per block ----------------------------------------------------------
+
+def attention_layout(adapter: ArchitectureAdapter, block: nn.Module) -> dict[str, Any]:
+    """Groups of the block's attention: rows per group of q/k/v, columns per group of o."""
+    groups, per_group, head_dim = adapter.attention_groups(block)
+    lin = adapter.attention_linears(block)
+    rows = {"q": per_group * head_dim, "k": head_dim, "v": head_dim}
+    return {"count": groups, "group_size": per_group * head_dim, "heads_per_group": per_group,
+            "producers": {r: (lin[r], n) for r, n in rows.items()}, "consumer": lin["o"]}
+
+
+def mlp_layout(adapter: ArchitectureAdapter, block: nn.Module) -> dict[str, Any]:
+    lin = adapter.mlp_linears(block)
+    down = lin["down"]
+    return {"count": down.in_features, "group_size": 1,
+            "producers": {r: (m, 1) for r, m in lin.items() if r != "down"}, "consumer": down}
+
+
+LAYOUTS = {"attention": attention_layout, "mlp": mlp_layout}
+
+
+def params_per_structure(layout: dict[str, Any]) -> int:
+    produced = sum(n * (m.in_features + (m.bias is not None))
+                   for m, n in layout["producers"].values())
+    return produced + layout["group_size"] * layout["consumer"].out_features
+
+
+def prunable_params(adapter: ArchitectureAdapter, model: nn.Module) -> int:
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+               for block in adapter.blocks(model)
+               for m in adapter.block_linears(block).values())
+
+
+def prune_structures(model: nn.Module, layout: dict[str, Any], removed: list[int],
+                     names: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """Physically delete ``removed`` structures; returns the plan entries."""
+    entries = {}
+    count, size = layout["count"], layout["group_size"]
+    for linear, rows_each in layout["producers"].values():
+        keep = kept_channels(count, rows_each, removed)
+        entries[names[id(linear)]] = sliced_linear(linear, rows=keep)
+    consumer = layout["consumer"]
+    entries[names[id(consumer)]] = sliced_linear(consumer, cols=kept_channels(count, size,
+                                                                              removed))
+    plan = {}
+    for name, new in entries.items():
+        set_module(model, name, new)
+        plan[name] = {"kind": "pruned_linear", "in_features": new.in_features,
+                      "out_features": new.out_features, "bias": new.bias is not None}
+    return plan
+
+
+@torch.inference_mode()
+def forward_latency_ms(models: list[nn.Module], adapter: ArchitectureAdapter,
+                       batch: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
+    """(wall-clock ms, process CPU ms) of each model's forward pass, the fastest of
+    ``repeats``, the models taking turns. CPU time is what the forward pass costs even when
+    other processes share the cores (their load stretches wall-clock time only)."""
+    best = [[float("inf"), float("inf")] for _ in models]
+    for model in models:
+        model.eval()
+        adapter.logits(model, batch)                   # warm-up
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            wall, cpu = time.perf_counter(), time.process_time()
+            adapter.logits(model, batch)
+            best[i][0] = min(best[i][0], time.perf_counter() - wall)
+            best[i][1] = min(best[i][1], time.process_time() - cpu)
+    return [(1000 * w, 1000 * c) for w, c in best]
+
+
+class StructuredPruneStage(Stage):
+    """Remove attention groups and MLP channels to ``ratio`` of the prunable parameters.
+
+    ``criterion`` scores structures, ``allocator`` picks which go, ``compensator``
+    (null, or ``compensate=false``: none) updates o_proj/down_proj before their rows
+    are deleted.
+    Calibration: ``num_samples`` training sequences (cropped to ``seq_len`` tokens
+    when set) in batches of ``batch_size``, drawn with ``calib_seed``. Latency: the
+    pruned model and a copy of the dense one take turns on the first ``latency_samples``
+    calibration sequences (one batch), ``latency_repeats`` times each, fastest kept
+    (``latency_repeats: 0``: not measured, no copy kept).
+    """
+
+    def __init__(self, ratio: float, criterion: Criterion, allocator: Allocator,
+                 compensator: Compensator | None = None, compensate: bool = True,
+                 num_samples: int = 128,
+                 seq_len: int | None = None, batch_size: int = 16, calib_seed: int = 0,
+                 latency_repeats: int = 10, latency_samples: int = 64):
+        self.ratio, self.criterion, self.allocator = ratio, criterion, allocator
+        self.compensator = compensator if compensate else None
+        self.num_samples, self.seq_len, self.batch_size = num_samples, seq_len, batch_size
+        self.calib_seed, self.latency_repeats = calib_seed, latency_repeats
+        self.latency_samples = latency_samples
+
+    def check(self, model, ctx):
+        if not 0 < self.ratio < 1:
+            raise ConfigError(f"stage {self.name}: ratio must lie strictly between 0 and 1, "
+                              f"got {self.ratio}")
+        for key in ("num_samples", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"stage {self.name}: {key} must be at least 1")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"stage {self.name}: seq_len must be at least 2 (or null)")
+        block = ctx.adapter.blocks(model)[0]
+        roles = set(ctx.adapter.attention_linears(block)) | set(ctx.adapter.mlp_linears(block))
+        try:
+            ctx.adapter.attention_groups(block)
+        except NotImplementedError:
+            roles = set()
+        if not set(ATTENTION_ROLES) | {"down"} <= roles:
+            raise ConfigError(f"stage {self.name}: structured pruning needs separate q/k/v/o "
+                              f"and MLP down linears with head counts; "
+                              f"{type(ctx.adapter).__name__} does not provide them")
+
+    # -- the two passes -----------------------------------------------------------------------
+    def calibration(self, ctx: RunContext) -> list[torch.Tensor]:
+        from compresslab.data.base import calibration_batches
+
+        batches = calibration_batches(ctx.data, self.num_samples, self.batch_size,
+                                      self.calib_seed)
+        return [b[:, :self.seq_len] if self.seq_len else b for b in batches]
+
+    def run(self, model, ctx):
+        start = time.perf_counter()
+        adapter = ctx.adapter
+        batches = self.calibration(ctx)
+        dense_params, dense_prunable = count_params(model), prunable_params(adapter, model)
+        dense = copy.deepcopy(model) if self.latency_repeats else None
+        layers = self._score(model, ctx, batches)
+        removal = self.allocator(layers, self.ratio)
+        self._prune(model, ctx, batches, removal)
+        pruned_prunable = prunable_params(adapter, model)
+        ctx.log({f"{self.name}/params_ratio": 1 - pruned_prunable / dense_prunable,
+                 f"{self.name}/model_params_ratio": 1 - count_params(model) / dense_params,
+                 **self._structure_counts(model, adapter)})
+        if dense is not None:
+            timed = torch.cat(batches)[:self.latency_samples]
+            (wall_dense, cpu_dense), (wall, cpu) = forward_latency_ms(
+                [dense, model], adapter, timed, self.latency_repeats)
+            ctx.log({f"{self.name}/latency_dense_ms": wall_dense,
+                     f"{self.name}/latency_ms": wall,
+                     f"{self.name}/speedup": wall_dense / wall,
+                     f"{self.name}/cpu_dense_ms": cpu_dense,
+                     f"{self.name}/cpu_ms": cpu,
+                     f"{self.name}/cpu_speedup": cpu_dense / cpu})
+        ctx.log({f"{self.name}/time_s": time.perf_counter() - start})
+        return model
+
+    def _score(self, model, ctx, batches) -> list[LayerScores]:
+        adapter, layers = ctx.adapter, []
+        walk = BlockwiseCalibration(model, adapter, batches)
+        for index, block in walk:
+            layouts = {kind: make(adapter, block) for kind, make in LAYOUTS.items()}
+            inputs = walk.collect(block, {k: v["consumer"] for k, v in layouts.items()},
+                                  LayerInputs)
+            for kind, lay in layouts.items():
+                scores = self.criterion(lay["consumer"].weight.data, inputs[kind],
+                                        lay["group_size"]).float()
+                if self.criterion.standardize:
+                    scores = standardized(scores)
+                layers.append(LayerScores(index, kind, scores, params_per_structure(lay)))
+        return layers
+
+    def _prune(self, model, ctx, batches, removal: dict[tuple[int, str], list[int]]) -> None:
+        adapter = ctx.adapter
+        walk = BlockwiseCalibration(model, adapter, batches)
+        for index, block in walk:
+            for kind, make in LAYOUTS.items():   # attention first: the MLP sees its output
+                lay, removed = make(adapter, block), removal.get((index, kind), [])
+                if not removed:
+                    continue
+                if self.compensator is not None:
+                    inputs = walk.collect(block, {"c": lay["consumer"]}, LayerInputs)["c"]
+                    self.compensator(lay["consumer"], inputs,
+                                     removed_channels(lay["count"], lay["group_size"], removed))
+                names = {id(m): n for n, m in model.named_modules()}
+                ctx.plan.update(prune_structures(model, lay, removed, names))
+                kept = lay["count"] - len(removed)
+                ctx.plan[names[id(lay["consumer"])]].update(
+                    {"kv_heads": kept, "heads": kept * lay["heads_per_group"]}
+                    if kind == "attention" else {"channels": kept})
+
+    def _structure_counts(self, model, adapter) -> dict[str, int]:
+        out = {}
+        for i, block in enumerate(adapter.blocks(model)):
+            groups, per_group, _ = adapter.attention_groups(block)
+            out[f"{self.name}/heads_layer{i}"] = groups * per_group
+            out[f"{self.name}/channels_layer{i}"] = mlp_layout(adapter, block)["count"]
+        return out
