@@ -24,38 +24,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compresslab.compress.calibration import InputStatistic
+from compresslab.compress.calibration import ChannelMoments, Gram
 
 
-class LayerInputs(InputStatistic):
-    """Gram matrix ``X^T X`` (float64) and per-channel moments of one layer's inputs."""
+class LayerInputs(ChannelMoments):
+    """Per-channel moments plus the Gram matrix ``X^T X`` (float64) of one layer's inputs."""
 
     def __init__(self):
-        self.gram: torch.Tensor | None = None
-        self.sum = self.sq_sum = None
-        self.count = 0
+        super().__init__()
+        self._gram = Gram(torch.float64)
 
     def update(self, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        if self.gram is None:
-            self.gram, self.sum, self.sq_sum = x.T @ x, x.sum(0), x.pow(2).sum(0)
-        else:
-            self.gram.addmm_(x.T, x)
-            self.sum += x.sum(0)
-            self.sq_sum += x.pow(2).sum(0)
-        self.count += x.shape[0]
+        super().update(x)
+        self._gram.update(x)
 
     @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / self.count
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return (self.sq_sum / self.count - self.mean.pow(2)).clamp_min(0)
-
-    @property
-    def l2_norm(self) -> torch.Tensor:
-        return self.sq_sum.sqrt()
+    def gram(self) -> torch.Tensor:
+        return self._gram.gram
 
 
 def group_reduce(channel_scores: torch.Tensor, group_size: int, how: str) -> torch.Tensor:
