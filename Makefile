@@ -11,7 +11,7 @@ export WANDB_SILENT ?= true
 .PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(STAMP) ## create .venv and install compresslab with its dev extras
 $(STAMP): pyproject.toml
