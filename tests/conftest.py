@@ -54,3 +54,15 @@ def read_metrics(run_dir: Path) -> dict:
 def shared_root(tmp_path_factory) -> Path:
     """An outputs root shared by the whole session, so base models train once."""
     return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread avoids thread contention on a shared CPU
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ from compresslab.models.sources import TinyLlama
 from compresslab.stages.base import RunContext
 from compresslab.stages.samples import SampleQualityStage
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread avoids thread contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

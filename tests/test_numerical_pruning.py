@@ -36,13 +36,7 @@ VOCAB = 50
 SOURCE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread avoids thread contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(x: torch.Tensor) -> LayerInputs:

@@ -86,6 +86,8 @@ class SingularValueTrajectory(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from compresslab.report import save_figure
+
         names = list(self.values)
         fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
         for ax, name in zip(axes[0], names):
@@ -96,10 +98,7 @@ class SingularValueTrajectory(L.Callback):
             ax.set_xlabel("step")
             ax.set_ylabel("singular value")
             ax.set_title(name, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
     def _log_wandb(self, trainer) -> None:
         from lightning.pytorch.loggers import WandbLogger

@@ -202,6 +202,8 @@ def rank_heatmap(grid: dict[tuple[int, str], int], full: dict[tuple[int, str], i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compresslab.report import save_figure
+
     blocks = sorted({b for b, _ in grid})
     roles = list(dict.fromkeys(r for _, r in grid))
     frac = torch.full((len(blocks), len(roles)), math.nan)
@@ -215,7 +217,4 @@ def rank_heatmap(grid: dict[tuple[int, str], int], full: dict[tuple[int, str], i
     ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks])
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="rank / full rank")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

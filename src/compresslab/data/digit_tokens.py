@@ -121,15 +121,12 @@ def save_grid(images: torch.Tensor, levels: int, per_class: int, png: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compresslab.report import save_figure
+
     grid = images.reshape(CLASSES, per_class, 8, 8).permute(0, 2, 1, 3).reshape(
         CLASSES * 8, per_class * 8).numpy()
     fig, ax = plt.subplots(figsize=(per_class * 0.5 + 0.4, CLASSES * 0.5 + 0.4))
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=levels - 1, interpolation="nearest")
     ax.set_yticks([8 * c + 3.5 for c in range(CLASSES)], [str(c) for c in range(CLASSES)])
     ax.set_xticks([])
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100)

@@ -171,6 +171,8 @@ def plot_gate_trajectories(steps, values, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compresslab.report import save_figure
+
     names = list(values)
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -180,10 +182,7 @@ def plot_gate_trajectories(steps, values, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel("gate (component order = singular value order)")
         ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def log_wandb_images(logger, images: dict[str, Path]) -> None:
