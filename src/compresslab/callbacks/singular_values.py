@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import torch
 
+from compresslab.callbacks.periodic import PeriodicRecorder
 from compresslab.models.utils import weight_of
 
 END_TO_END = "end_to_end"
@@ -27,15 +27,15 @@ def matrix_of(model: torch.nn.Module, name: str) -> torch.Tensor:
     return weight_of(model.get_submodule(name))
 
 
-class SingularValueTrajectory(L.Callback):
+class SingularValueTrajectory(PeriodicRecorder):
     def __init__(self, every_n_steps: int = 50, top_k: int = 10,
                  matrices: list[str] | None = None, max_default_matrices: int = 3,
                  file_prefix: str = "singular_values"):
-        self.every_n_steps, self.top_k = every_n_steps, top_k
+        super().__init__(every_n_steps)
+        self.top_k = top_k
         self.matrices = list(matrices) if matrices else None
         self.max_default_matrices = max_default_matrices
         self.file_prefix = file_prefix
-        self.steps: list[int] = []
         self.values: dict[str, list[list[float]]] = {}
 
     def _names(self, pl_module) -> list[str]:
@@ -48,31 +48,15 @@ class SingularValueTrajectory(L.Callback):
                 self.matrices = names[:self.max_default_matrices]
         return self.matrices
 
-    @torch.no_grad()
-    def record(self, trainer, pl_module) -> None:
-        step = trainer.global_step
-        if self.steps and self.steps[-1] == step:
-            return
-        self.steps.append(step)
+    def sample(self, trainer, pl_module) -> dict[str, float]:
         scalars = {}
         for name in self._names(pl_module):
             s = torch.linalg.svdvals(matrix_of(pl_module.model, name).double())[:self.top_k]
             self.values.setdefault(name, []).append(s.tolist())
             scalars.update({f"sv/{name}/s{i}": float(v) for i, v in enumerate(s)})
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(scalars, step=step)
+        return scalars
 
-    def on_train_start(self, trainer, pl_module):
-        self.record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every_n_steps == 0:
-            self.record(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self.record(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
+    def finish(self, trainer, pl_module) -> None:
         out = Path(trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.file_prefix}.json").write_text(

@@ -16,11 +16,11 @@ import math
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresslab.callbacks.periodic import PeriodicRecorder
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import check_ratio, rank_for_ratio
 from compresslab.compress.spectrum import (
@@ -122,41 +122,25 @@ class SpectrumModule(TrainModule):
         return loss
 
 
-class GateTrajectory(L.Callback):
+class GateTrajectory(PeriodicRecorder):
     """Records the gates of the matrices ``names`` every ``every`` steps; logs their mean
     and the fraction above 1/2, and writes ``<prefix>_gates.json``/``.png`` at the end."""
 
     def __init__(self, names: list[str], every: int, prefix: str, out: Path):
-        self.names, self.every, self.prefix, self.out = names, every, prefix, out
-        self.steps: list[int] = []
+        super().__init__(every)
+        self.names, self.prefix, self.out = names, prefix, out
         self.values: dict[str, list[list[float]]] = {n: [] for n in names}
 
-    @torch.no_grad()
-    def record(self, trainer, pl_module):
-        step = trainer.global_step
-        if self.steps and self.steps[-1] == step:
-            return
-        self.steps.append(step)
+    def sample(self, trainer, pl_module) -> dict[str, float]:
         scalars = {}
         for name in self.names:
             g = pl_module.gated[name].gates().double()
             self.values[name].append(g.tolist())
             scalars[f"{self.prefix}/gate_mean/{name}"] = float(g.mean())
             scalars[f"{self.prefix}/gate_above_half/{name}"] = float((g > 0.5).double().mean())
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(scalars, step=step)
+        return scalars
 
-    def on_train_start(self, trainer, pl_module):
-        self.record(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every == 0:
-            self.record(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self.record(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
+    def finish(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{self.prefix}_gates.json").write_text(
             json.dumps({"steps": self.steps, "values": self.values}))
