@@ -96,12 +96,10 @@ def evaluate(model: nn.Module, ctx: RunContext, split: str) -> dict[str, float]:
     return module.result
 
 
-def evaluate_splits(model: nn.Module, ctx: RunContext, prefix: str) -> dict[str, float]:
-    out = {}
-    for split in ctx.cfg.eval.splits:
-        out.update({f"{prefix}{split}/{k}" if not prefix else f"{prefix}{split}_{k}": v
-                    for k, v in evaluate(model, ctx, split).items()})
-    return out
+def evaluate_splits(model: nn.Module, ctx: RunContext, key: str) -> dict[str, float]:
+    """Metrics on every ``eval.splits`` split, named by ``key`` (``{split}``, ``{metric}``)."""
+    return {key.format(split=split, metric=k): v for split in ctx.cfg.eval.splits
+            for k, v in evaluate(model, ctx, split).items()}
 
 
 def build_logger(cfg: DictConfig):
@@ -197,7 +195,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
     L.seed_everything(int(cfg.seed), verbose=False)
 
     dense_params = count_params(model)
-    dense_metrics = evaluate_splits(model, ctx, "dense/") if cfg.eval.dense else {}
+    dense_metrics = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
     ctx.log({**dense_metrics, "params/dense": dense_params})
     if any(getattr(s, "needs_dense_copy", False) for s in stages):
         ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -207,7 +205,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         model = stage.run(model, ctx)
         ctx.metrics.setdefault(f"{stage.name}/time_s", time.perf_counter() - stage_start)
 
-    final = evaluate_splits(model, ctx, "")
+    final = evaluate_splits(model, ctx, "{split}/{metric}")
     params = count_params(model)
     ctx.log({**final, "params/compressed": params,
              "params/ratio": 1 - params / dense_params,

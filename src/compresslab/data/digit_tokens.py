@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compresslab.data.base import TaskDataModule
-from compresslab.data.digits import digits_arrays, stratified_split
+from compresslab.data.digits import check_split_fractions, digits_arrays, stratified_split
 from compresslab.errors import ConfigError
 from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
@@ -60,10 +60,7 @@ class DigitTokensDataModule(TaskDataModule):
         if not 2 <= self.levels <= 17:
             raise ConfigError(f"dataset=digit_tokens: levels must be in [2, 17], "
                               f"got {self.levels}")
-        if not (0 < self.val_fraction and 0 < self.test_fraction
-                and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError("dataset=digit_tokens: val_fraction and test_fraction must be "
-                              "positive and sum below 1")
+        check_split_fractions("digit_tokens", self.val_fraction, self.test_fraction)
 
     def load(self, tokenizer=None) -> None:
         images, labels = digits_arrays()

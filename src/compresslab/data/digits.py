@@ -33,6 +33,12 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+def check_split_fractions(dataset: str, val_fraction: float, test_fraction: float) -> None:
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+        raise ConfigError(f"dataset={dataset}: val_fraction and test_fraction must be "
+                          "positive and sum below 1")
+
+
 class DigitsDataModule(TaskDataModule):
     modality = "image"
     name = "digits"
@@ -45,10 +51,7 @@ class DigitsDataModule(TaskDataModule):
         self.task = ClassificationTask()
 
     def check(self) -> None:
-        if not (0 < self.val_fraction and 0 < self.test_fraction
-                and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError("dataset=digits: val_fraction and test_fraction must be "
-                              "positive and sum below 1")
+        check_split_fractions(self.name, self.val_fraction, self.test_fraction)
 
     def load(self, tokenizer=None) -> None:
         images, labels = digits_arrays()
