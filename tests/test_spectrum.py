@@ -203,6 +203,28 @@ def test_gates_at_one_without_dropping_reproduce_the_shortlisted_model():
     torch.testing.assert_close(model(input_ids=tokens).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hard_search_forward_is_the_kept_model_and_dropped_components_get_gradients():
+    model = shortlisted(tiny_llama(2))
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    stage = SpectrumStage(ratio=0.5, init_gate=0.7)
+    gated = stage.wrap(model)
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(len(g.logits), generator=gen) < 0.5 for n, g in gated.items()}
+    for name, layer in gated.items():
+        layer.mask = masks[name].to(layer.logits.dtype)
+    searched = model(input_ids=tokens).logits
+    searched.square().mean().backward()
+    name, layer = next(iter(gated.items()))
+    assert layer.logits.grad[~masks[name]].abs().min() > 0  # straight-through
+    with torch.no_grad():
+        for name, layer in gated.items():
+            layer.mask = None
+            layer.keep(masks[name], layer.gates())  # amplify=fold
+            set_module(model, name, layer.fold())
+        torch.testing.assert_close(model(input_ids=tokens).logits, searched,
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_selection_meets_the_budget_within_one_component(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "spectrum"]
+METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_ft", "spectrum"]
 RATIOS = [0.8, 0.6, 0.4, 0.2]  # the high ratios, where methods differ most, first
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from compresslab.report import aggregate, collect_runs, fmt, line_plot, markdown_table
 
-METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "spectrum"]
+#: svd_llm_ft (SVD-LLM + its factor update) is the trained baseline spectrum must face too:
+#: spectrum trains its gates, so beating untrained svd_llm alone would not be enough
+METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_ft", "spectrum"]
 RATIO_KEY = {"spectrum": "spectrum/params_ratio"}  # others: compress/params_ratio
 
 
@@ -56,9 +58,13 @@ def order_checks(ppl: dict, ratios: list[float]) -> list[str]:
         first = v["svd_llm"] < v["asvd"] < v["svd"]
         second = v["spectrum"] <= v["svd_llm"]
         margin = (v["svd_llm"] - v["spectrum"]) / v["svd_llm"]
-        lines.append(f"- ratio {r}: svd_llm < asvd < svd: {'yes' if first else 'NO'}; "
-                     f"spectrum <= svd_llm: {'yes' if second else 'NO'} "
-                     f"(spectrum vs svd_llm: {100 * margin:+.1f}% lower ppl)")
+        line = (f"- ratio {r}: svd_llm < asvd < svd: {'yes' if first else 'NO'}; "
+                f"spectrum <= svd_llm: {'yes' if second else 'NO'} "
+                f"(spectrum vs svd_llm: {100 * margin:+.1f}% lower ppl)")
+        if v["svd_llm_ft"] is not None:
+            trained = (v["svd_llm_ft"] - v["spectrum"]) / v["svd_llm_ft"]
+            line += f"; vs svd_llm_ft: {100 * trained:+.1f}% lower ppl"
+        lines.append(line)
     return lines
 
 

@@ -80,6 +80,9 @@ class GatedLowRankLinear(nn.Module):
         self.gate = make_gate(gate)
         init = torch.full((low.rank,), float(init_gate), dtype=low.first.weight.dtype)
         self.logits = nn.Parameter(self.gate.logits_for(init))
+        #: optional 0/1 keep-mask applied in the forward pass with straight-through
+        #: gradients: dropped components still learn whether they should come back
+        self.mask: torch.Tensor | None = None
 
     @property
     def cost(self) -> int:
@@ -90,7 +93,10 @@ class GatedLowRankLinear(nn.Module):
         return self.gate.value(self.logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x) * self.gates())
+        g = self.gates()
+        if self.mask is not None:
+            g = g + (g * self.mask - g).detach()
+        return self.second(self.first(x) * g)
 
     @torch.no_grad()
     def keep(self, mask: torch.Tensor, scales: torch.Tensor) -> None:

@@ -80,10 +80,11 @@ class SpectrumModule(TrainModule):
 
     def __init__(self, model, adapter, task, optim, total_steps, *, gated, budget, dense,
                  penalty, penalty_weight, score, stage, teacher=None, distill_weight=0.0,
-                 temperature=1.0):
+                 temperature=1.0, hard=False):
         super().__init__(model, adapter, task, optim, total_steps)
         self.gated, self.budget, self.dense = gated, budget, dense
         self.penalty, self.penalty_weight, self.score = penalty, penalty_weight, score
+        self.hard = hard
         self.stage, self.teacher = stage, teacher
         self.distill_weight, self.temperature = distill_weight, temperature
         self.costs = {name: layer.cost for name, layer in gated.items()}
@@ -109,12 +110,27 @@ class SpectrumModule(TrainModule):
                 reduction="batchmean")
         return losses
 
+    def selection(self) -> dict[str, torch.Tensor]:
+        """What the global selection keeps with the current gates."""
+        with torch.no_grad():
+            return select_components({n: g.gates() for n, g in self.gated.items()},
+                                     self.costs, self.budget, self.score)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.hard:  # the forward pass sees exactly the model the selection would keep
+            for name, mask in self.selection().items():
+                layer = self.gated[name]
+                layer.mask = mask.to(layer.logits.dtype)
+
+    def on_train_end(self):
+        for layer in self.gated.values():
+            layer.mask = None
+
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         with torch.no_grad():
             soft = float(expected_params(self.gated))
-            masks = select_components({n: g.gates() for n, g in self.gated.items()},
-                                      self.costs, self.budget, self.score)
+        masks = self.selection()
         self.log_dict({f"{self.stage}/expected_ratio": 1 - soft / self.dense,
                        f"{self.stage}/selected_ratio":
                            1 - kept_params(masks, self.costs) / self.dense},
@@ -189,7 +205,8 @@ class SpectrumStage(TrainStage):
 
     def __init__(self, ratio: float, gate: str = "sigmoid", init_gate: float = 0.9,
                  penalty: str = "hinge", penalty_weight: float = 10.0,
-                 distill_weight: float = 0.0, temperature: float = 1.0, score: str = "gate",
+                 distill_weight: float = 0.0, temperature: float = 1.0,
+                 search_forward: str = "hard", score: str = "gate",
                  amplify: str = "fold", finetune_steps: int = 50,
                  finetune_params: str = "gates", finetune_optim: dict | None = None,
                  track_matrices: int = 3, track_every: int = 10, **train_kwargs):
@@ -197,6 +214,7 @@ class SpectrumStage(TrainStage):
         self.ratio, self.gate, self.init_gate = ratio, gate, init_gate
         self.penalty, self.penalty_weight = penalty, penalty_weight
         self.distill_weight, self.temperature = distill_weight, temperature
+        self.search_forward = search_forward
         self.score, self.amplify = score, amplify
         self.finetune_steps, self.finetune_params = finetune_steps, finetune_params
         self.finetune_optim = OptimConfig.from_cfg(finetune_optim or {"lr": 1e-3})
@@ -219,6 +237,9 @@ class SpectrumStage(TrainStage):
         for what in ("penalty_weight", "distill_weight", "finetune_steps"):
             if getattr(self, what) < 0:
                 raise ConfigError(f"stage {self.name}: {what} must be >= 0")
+        if self.search_forward not in ("soft", "hard"):
+            raise ConfigError(f"stage {self.name}: search_forward must be soft | hard, "
+                              f"got {self.search_forward!r}")
 
     # -- the three phases ------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> dict[str, GatedLowRankLinear]:
@@ -250,12 +271,14 @@ class SpectrumStage(TrainStage):
         trainer.fit(module, datamodule=ctx.data)
         module.model.eval()
 
-    def module(self, model, ctx, gated, budget, dense, optim, steps, penalty_weight):
+    def module(self, model, ctx, gated, budget, dense, optim, steps, search: bool):
+        """The search module (budget term, hard selection) or the fine-tuning one."""
         return SpectrumModule(
             model, ctx.adapter, ctx.data.task, optim, steps, gated=gated, budget=budget,
-            dense=dense, penalty=self.penalty, penalty_weight=penalty_weight, score=self.score,
+            dense=dense, penalty=self.penalty,
+            penalty_weight=self.penalty_weight if search else 0.0, score=self.score,
             stage=self.name, teacher=ctx.teacher, distill_weight=self.distill_weight,
-            temperature=self.temperature)
+            temperature=self.temperature, hard=search and self.search_forward == "hard")
 
     def search(self, model, ctx, gated, budget, dense) -> None:
         for layer in gated.values():
@@ -263,7 +286,7 @@ class SpectrumStage(TrainStage):
         tracker = GateTrajectory(list(gated)[:self.track_matrices], self.track_every,
                                  self.name, Path(ctx.run_dir))
         self.fit(self.module(model, ctx, gated, budget, dense, self.optim, self.max_steps,
-                             self.penalty_weight), ctx, self.max_steps, [tracker])
+                             search=True), ctx, self.max_steps, [tracker])
 
     def sparsify(self, gated, budget) -> dict[str, torch.Tensor]:
         costs = {n: g.cost for n, g in gated.items()}
@@ -282,7 +305,7 @@ class SpectrumStage(TrainStage):
                 layer.first.weight.requires_grad_(True)
                 layer.second.weight.requires_grad_(True)
         self.fit(self.module(model, ctx, gated, budget, dense, self.finetune_optim,
-                             self.finetune_steps, 0.0), ctx, self.finetune_steps, [])
+                             self.finetune_steps, search=False), ctx, self.finetune_steps, [])
 
     def run(self, model, ctx):
         start = time.perf_counter()
