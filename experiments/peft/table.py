@@ -56,8 +56,9 @@ def retarget(records: list[dict], target: float) -> None:
         rec["cfg"]["method"]["stages"]["finetune"]["target_loss"] = target
 
 
-def mean_curves(records: list[dict], every: int = 5) -> dict[str, tuple[list, list]]:
-    """Row -> (steps, smoothed loss averaged over seeds), every ``every`` steps."""
+def mean_curves(records: list[dict], every: int | None = None) -> dict[str, tuple[list, list]]:
+    """Row -> (steps, smoothed loss averaged over seeds), every ``every`` steps (default:
+    about 40 points per curve)."""
     curves: dict[str, list[list[float]]] = {}
     for rec in records:
         path = Path(rec["dir"]) / "finetune_loss_curve.json"
@@ -67,7 +68,7 @@ def mean_curves(records: list[dict], every: int = 5) -> dict[str, tuple[list, li
     out = {}
     for row in sorted(curves, key=row_order):
         n = min(len(c) for c in curves[row])
-        steps = list(range(1, n + 1, every))
+        steps = list(range(1, n + 1, every or max(1, n // 40)))
         out[row] = (steps, [sum(c[s - 1] for c in curves[row]) / len(curves[row])
                             for s in steps])
     return out
@@ -90,10 +91,13 @@ def main() -> None:
     steps = lookup(records[0], "method.stages.finetune.max_steps")
     roles = cfg["method"]["stages"]["adapt"]["roles"]
     src, lr = cfg["model"]["source"], lookup(records[0], "method.stages.finetune.optim.lr")
+    data = cfg["dataset"]["datamodule"]
+    ops = (f"{data['min_steps']}" if data["min_steps"] == data["max_steps"]
+           else f"{data['min_steps']}-{data['max_steps']}")
     note = (f"llama_tiny ({src['num_layers']} x {src['hidden_size']}) pre-trained on pycode, "
             f"adapters on {roles} fine-tuned {steps} steps (AdamW lr {lr}) on arithmetic "
-            f"({cfg['dataset']['datamodule']['num_train']} train / "
-            f"{cfg['dataset']['datamodule']['num_test']} test problems); mean ± std over "
+            f"({ops} operation(s) on numbers up to {data['max_value']}; "
+            f"{data['num_train']} train / {data['num_test']} test problems); mean ± std over "
             f"seeds; steps to target: first step with smoothed training loss <= {target} "
             f"(mean over the seeds that reached it). Runs: {args.runs}\n\n")
     out = Path(args.tables)
@@ -103,7 +107,8 @@ def main() -> None:
     text = "# SoKA vs LoRA / PiSSA / LoKr\n\n" + note + markdown_table(HEADER, table_rows(records))
     (out / "peft.md").write_text(text)
     line_plot(mean_curves(records), out / "peft_loss.png", xlabel="step",
-              ylabel="training loss (EMA 0.9, mean over seeds)", title="arithmetic fine-tuning")
+              ylabel="training loss (EMA 0.9, mean over seeds)", title="arithmetic fine-tuning",
+              logy=True)
     print(text)
 
 
