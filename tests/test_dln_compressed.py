@@ -22,7 +22,10 @@ SMALL_FACTORIZATION = ["experiment=dln_factorization", "dataset.datamodule.d=20"
                        "dataset.datamodule.r=3", "method.stages.train.max_steps=600",
                        "model.source.init_scale=0.05", "method.stages.train.sv_every=1",
                        "method.stages.train.diag_every=300", "method.stages.train.optim.lr=12",
-                       "method.stages.train.callbacks=[]", "threads=1"]
+                       "method.stages.train.callbacks=[]", "threads=1",
+                       # eps 0.05 (for speed): the uniformly shrunk d - 2r directions of
+                       # W_l - W_l(0) are ~3e-6 of the largest here, above the default 1e-7
+                       "method.stages.train.rank_rtol=1e-5"]
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -148,6 +151,45 @@ def test_incremental_learning_order_is_detected(tmp_path):
     record = json.loads((tmp_path / "run" / "train_trajectory.json").read_text())
     assert record["step"] == list(range(601))
     assert all(b >= a for a, b in zip(record["time_s"], record["time_s"][1:]))
+
+
+def test_every_layer_update_has_rank_2r_at_the_default_eps(tmp_path):
+    # eps 1e-2: in the first and last layers the second r updated directions are only a few
+    # 1e-6 of the largest change (with the old rank_rtol 1e-5 they counted r, not 2r); the
+    # d - 2r uniformly shrunk directions stay near 1e-9
+    overrides = ["experiment=dln_factorization", "dataset.datamodule.d=20",
+                 "dataset.datamodule.r=2", "method.stages.train.max_steps=1500",
+                 "method.stages.train.optim.lr=8", "method.stages.train.diag_every=1500",
+                 "method.stages.train.callbacks=[]", "threads=1"]
+    metrics = run(compose_cfg(overrides, tmp_path, tmp_path / "run"))
+    assert metrics["train/final_recovery_mse"] < 1e-10
+    assert [metrics[f"train/update_rank_l{i}"] for i in range(3)] == [4, 4, 4]
+    assert [metrics[f"train/at_eps_l{i}"] for i in range(3)] == [20 - 4] * 3
+
+
+def test_outer_layer_updates_have_a_small_second_block():
+    """Plain GD on the same factorization: each W_l - W_l(0) has 2r singular values well
+    above the flat d - 2r tail, but the outer layers' second r sit at ~1e-5..5e-6 of the
+    largest (so a 1e-5 threshold reads rank ~r there)."""
+    torch.manual_seed(0)
+    d, r, eps, lr = 20, 2, 1e-2, 8.0
+    m_star = spread_low_rank_target(d, r, 0)
+    net = DeepLinearNetwork([d, d, d, d], init_scale=eps)
+    initial = [layer.weight.detach().clone() for layer in net.layers]
+    weights = [layer.weight for layer in net.layers]
+    for _ in range(1500):
+        loss = 0.5 * (net.end_to_end() - m_star).pow(2).mean()
+        grads = torch.autograd.grad(loss, weights)
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                w.sub_(g, alpha=lr)
+    for i, (w, w0) in enumerate(zip(weights, initial)):
+        s = torch.linalg.svdvals(w.detach() - w0)
+        rel = s / s[0]
+        assert rel[2 * r - 1] > 1e-6 and rel[2 * r] < 1e-8      # 2r directions, then the tail
+        assert dln.update_rank(w.detach(), w0) == 2 * r
+        second = rel[r:2 * r]
+        assert (second.max() < 3e-5) if i in (0, 2) else (second.min() > 1e-4), (i, second)
 
 
 def test_compressed_completion_stops_at_the_loss_threshold(tmp_path):

@@ -79,7 +79,7 @@ def learned_in_order(times: list[int | None]) -> bool:
     return all(t is not None for t in times) and all(a <= b for a, b in zip(times, times[1:]))
 
 
-def update_rank(weight: torch.Tensor, initial: torch.Tensor, rtol: float = 1e-6) -> int:
+def update_rank(weight: torch.Tensor, initial: torch.Tensor, rtol: float = 1e-7) -> int:
     """Numerical rank of ``W(t) - W(0)``: singular values above ``rtol`` x the largest."""
     s = torch.linalg.svdvals(weight - initial)
     return int((s > rtol * s.max()).sum()) if s.max() > 0 else 0
