@@ -55,3 +55,62 @@ def test_statistics_equal_direct_computation():
     torch.testing.assert_close(moments.abs_mean, x.abs().mean(0))
     torch.testing.assert_close(moments.variance, x.var(0, unbiased=False))
     torch.testing.assert_close(moments.l2_norm, x.norm(dim=0))
+
+
+def test_layers_fed_one_tensor_share_one_statistic_equal_to_separate_ones():
+    model = _llama()
+    adapter = adapter_for(model)
+    batches = [torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (3, 9))]
+    calib = BlockwiseCalibration(model, adapter, batches)
+    _, block = next(iter(calib))
+    layers = adapter.block_linears(block)
+    shared = calib.collect(block, layers, lambda: Gram(torch.float64))
+    assert shared["q"] is shared["k"] is shared["v"] and shared["gate"] is shared["up"]
+    assert shared["q"] is not shared["o"] and shared["down"] is not shared["up"]
+    for name, layer in layers.items():   # one layer at a time: nothing to share
+        alone = calib.collect(block, {name: layer}, lambda: Gram(torch.float64))[name]
+        torch.testing.assert_close(shared[name].gram, alone.gram)
+        assert shared[name].count == alone.count == 2 * 9 + 3 * 9
+
+
+def test_a_layer_the_block_never_calls_gets_an_empty_statistic():
+    model = _llama()
+    adapter = adapter_for(model)
+    calib = BlockwiseCalibration(model, adapter, [torch.randint(0, 40, (2, 9))])
+    _, block = next(iter(calib))
+    stats = calib.collect(block, {"unused": torch.nn.Linear(32, 32)}, ChannelMoments)
+    assert stats["unused"].count == 0
+
+
+def test_kept_outputs_feed_the_next_block_like_a_fresh_run():
+    model = _llama()
+    adapter = adapter_for(model)
+    batches = [torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (3, 9))]
+    _, expected = zip(*[adapter.logits_and_block_outputs(model, b) for b in batches])
+    calib = BlockwiseCalibration(model, adapter, batches)
+    for index, block in calib:   # collect with kept outputs; advance reuses them
+        down = {"down": adapter.mlp_linears(block)["down"]}
+        calib.collect(block, down, ChannelMoments, keep_outputs=True)
+        assert calib._kept is not None and calib._kept[0] is block
+        if index:
+            for b, (args, _) in enumerate(calib.inputs):
+                torch.testing.assert_close(args[0], expected[b][index - 1])
+
+
+def test_statistics_of_converted_inputs_are_accumulated_in_bounded_chunks(monkeypatch):
+    import compresslab.compress.calibration as calibration
+
+    x = torch.randn(5, 7, 6)
+    whole_gram, whole_moments = Gram(torch.float64), ChannelMoments()
+    whole_gram.update(x)
+    whole_moments.update(x)
+    monkeypatch.setattr(calibration, "CHUNK_ELEMENTS", 12)   # two rows of 6 at a time
+    assert [c.shape[0] for c in calibration.row_chunks(x, torch.float64)] == [2] * 17 + [1]
+    gram, moments = Gram(torch.float64), ChannelMoments()
+    gram.update(x)
+    moments.update(x)
+    torch.testing.assert_close(gram.gram, whole_gram.gram, rtol=1e-12, atol=1e-12)
+    for name in ("sum", "abs_sum", "sq_sum"):
+        torch.testing.assert_close(getattr(moments, name), getattr(whole_moments, name),
+                                   rtol=1e-12, atol=1e-12)
+    assert gram.count == moments.count == 35

@@ -73,3 +73,75 @@ def test_rank_larger_than_layer_allows_is_rejected():
 def test_lowrank_layer_rejects_impossible_rank():
     with pytest.raises(ValueError):
         LowRankLinear(8, 4, 5)
+
+
+def test_float32_weights_are_factorised_in_float32_as_well_as_in_float64():
+    from compresslab.compress.svd import PlainSVD
+
+    torch.manual_seed(3)
+    w = torch.randn(96, 40)
+    left, right = PlainSVD()(w, 12, "w")
+    assert left.dtype == right.dtype == torch.float32
+    ref_l, ref_r = PlainSVD("float64")(w, 12, "w")
+    approx, ref = (left @ right).double(), (ref_l @ ref_r).double()
+    assert float((approx - ref).norm() / w.double().norm()) < 1e-5
+    # the truncation error is Eckart-Young's to float32 precision
+    s = torch.linalg.svdvals(w.double())
+    assert math.isclose(float((w.double() - approx).pow(2).sum()), float(s[12:].pow(2).sum()),
+                        rel_tol=1e-5)
+
+
+def test_lowrank_stage_releases_each_dense_layer_once_replaced():
+    """Streaming: when a layer is factorised, every layer replaced before it is freed (no
+    second copy of the compressed layers is held until the end of the stage)."""
+    import gc
+    import weakref
+
+    from omegaconf import OmegaConf
+
+    from compresslab.compress.svd_family import WhitenedSVD
+    from compresslab.models.adapters import adapter_for
+    from compresslab.models.sources import DataSpec, TinyLlama
+    from compresslab.stages.base import RunContext
+    from compresslab.stages.compress import LowRankStage
+
+    torch.manual_seed(0)
+    model = TinyLlama(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48).build(
+        DataSpec("text", vocab_size=40))
+    adapter = adapter_for(model)
+    refs = {n: weakref.ref(m) for n, m in adapter.compressible_linears(model).items()}
+    done: list[str] = []
+    alive_before = []
+
+    class Watching(WhitenedSVD):
+        def __call__(self, weight, rank, name, stats=None):
+            gc.collect()
+            alive_before.append([n for n in done if refs[n]() is not None])
+            done.append(name)
+            return super().__call__(weight, rank, name, stats)
+
+    class Tokens:            # the calibration samples' source (a datamodule's train split)
+        task, block_size = None, 9
+
+        def split(self, name):
+            return [torch.randint(0, 40, (9,)) for _ in range(8)]
+
+    ctx = RunContext(cfg=OmegaConf.create({"progress": False}), run_dir=None, adapter=adapter,
+                     data=Tokens())
+    stage = LowRankStage(Watching(), ratio=0.5, calibration={"num_samples": 8, "batch_size": 4})
+    stage.name = "compress"
+    stage.run(model, ctx)
+    assert len(done) == len(refs) and not any(alive_before)
+
+
+def test_round_slack_rounds_big_layers_and_keeps_small_ones_exact():
+    # 1024x2816 at 0.5: rank 375; 368 removes 7 * 3840 / (1024 * 2816) = 0.9% more
+    assert rank_for_ratio(1024, 2816, 0.5) == 375
+    assert rank_for_ratio(1024, 2816, 0.5, round_to=8, round_slack=0.02) == 368
+    # 128x352: 46 -> 40 would remove 6.4% more: the exact rank is kept
+    assert rank_for_ratio(128, 352, 0.5, round_to=8, round_slack=0.02) == 46
+    assert rank_for_ratio(128, 352, 0.5, round_to=8) == 40          # no slack: always
+    assert resolve_rank("q", 2816, 1024, ratio=0.5, rank=None, round_to=64,
+                        round_slack=0.02) == 375                     # 320: 7.3% more
+    assert resolve_rank("q", 128, 128, ratio=0.4, rank=None, round_to=8,
+                        round_slack=0.02) == 38

@@ -146,11 +146,17 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Pa
 
 
 def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    """Lay out, write (creating the folder) and close a matplotlib figure (only in the
+    main process of a run with several)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    from compresslab.distributed import is_main_process
+
     path = Path(path)
+    if not is_main_process():
+        plt.close(fig)
+        return path
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -36,6 +36,24 @@ class InputStatistic:
         raise NotImplementedError
 
 
+#: converted copies of a layer's inputs are made this many elements at a time (float64:
+#: 128 MiB), not for a whole batch at once (16 sequences x 2048 tokens x 5632 channels of
+#: a 1B model's down_proj would be 1.5 GiB per copy)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def row_chunks(x: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``x`` as rows (tokens x features) in ``dtype``, a bounded slice at a time when it
+    must be converted (no copy at all when it already has ``dtype``)."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.dtype == dtype:
+        yield x
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    for start in range(0, x.shape[0], step):
+        yield x[start:start + step].to(dtype)
+
+
 class Gram(InputStatistic):
     """``C = X^T X`` summed over tokens (``X``: tokens x in), and the token count.
 
@@ -46,9 +64,9 @@ class Gram(InputStatistic):
         self.dtype, self.gram, self.count = dtype, None, 0
 
     def update(self, x):
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
-        self.count += x.shape[0]
+        for rows in row_chunks(x, self.dtype):
+            self.gram = rows.T @ rows if self.gram is None else self.gram.addmm_(rows.T, rows)
+            self.count += rows.shape[0]
 
 
 class ChannelMoments(InputStatistic):
@@ -59,15 +77,15 @@ class ChannelMoments(InputStatistic):
         self.count = 0
 
     def update(self, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        parts = (x.sum(0), x.abs().sum(0), x.pow(2).sum(0))
-        if self.sum is None:
-            self.sum, self.abs_sum, self.sq_sum = parts
-        else:
-            self.sum += parts[0]
-            self.abs_sum += parts[1]
-            self.sq_sum += parts[2]
-        self.count += x.shape[0]
+        for rows in row_chunks(x, torch.float64):
+            parts = (rows.sum(0), rows.abs().sum(0), rows.pow(2).sum(0))
+            if self.sum is None:
+                self.sum, self.abs_sum, self.sq_sum = parts
+            else:
+                self.sum += parts[0]
+                self.abs_sum += parts[1]
+                self.sq_sum += parts[2]
+            self.count += rows.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -103,6 +121,7 @@ class BlockwiseCalibration:
         self.model, self.adapter = model, adapter
         self.blocks_list = adapter.blocks(model)
         self.inputs = self._capture_first_block_inputs(batches)
+        self._kept: tuple[nn.Module, list[torch.Tensor]] | None = None
 
     @torch.no_grad()
     def _capture_first_block_inputs(self, batches) -> list[tuple[tuple, dict]]:
@@ -130,23 +149,53 @@ class BlockwiseCalibration:
 
     @torch.no_grad()
     def collect(self, block: nn.Module, layers: dict[str, nn.Module],
-                make_stat: Callable[[], InputStatistic]) -> dict[str, InputStatistic]:
-        """Run ``block`` on the current inputs with a statistic on each of ``layers``' inputs."""
-        stats = {name: make_stat() for name in layers}
+                make_stat: Callable[[], InputStatistic],
+                keep_outputs: bool = False) -> dict[str, InputStatistic]:
+        """Run ``block`` on the current inputs with a statistic on each of ``layers``' inputs.
+
+        Layers fed the very same tensor (LLaMA's q/k/v, gate/up) share one statistic
+        object, updated once per batch. ``keep_outputs``: keep the block's outputs so that
+        :meth:`advance` reuses them instead of running the block again; only for a
+        caller that leaves the block unchanged until then."""
+        stats: dict[str, InputStatistic] = {}
+        owner: dict[str, str] = {}                         # layer -> layer it shares with
+        seen: dict[int, tuple[torch.Tensor, str]] = {}     # this batch's inputs, first layer
+
+        def update(name: str, x: torch.Tensor) -> None:
+            hit = seen.get(id(x))
+            first = hit[1] if hit is not None and hit[0] is x else None
+            if name not in owner:
+                owner[name] = first or name
+                stats[name] = stats[first] if first else make_stat()
+            elif owner[name] != (first or name):
+                raise RuntimeError(f"calibration: layer {name} shared its input with "
+                                   f"{owner[name]} in one batch but not in another")
+            if first is None:
+                seen[id(x)] = (x, name)
+                stats[name].update(x)
+
         handles = [module.register_forward_hook(
-            lambda _m, inp, _out, s=stats[name]: s.update(inp[0]))
+            lambda _m, inp, _out, name=name: update(name, inp[0]))
             for name, module in layers.items()]
+        outputs = []
         try:
-            self.run_block(block)
+            for args, kwargs in self.inputs:
+                seen.clear()
+                out = _first(block(*args, **kwargs))
+                if keep_outputs:
+                    outputs.append(out)
         finally:
+            seen.clear()
             for h in handles:
                 h.remove()
-        return stats
+        self._kept = (block, outputs) if keep_outputs else None
+        return {name: stats[name] if name in stats else make_stat() for name in layers}
 
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Replace the kept inputs by ``block``'s outputs (feed the next block)."""
-        outputs = self.run_block(block)
+        kept, self._kept = self._kept, None
+        outputs = kept[1] if kept is not None and kept[0] is block else self.run_block(block)
         self.inputs = [((out, *args[1:]), kwargs)
                        for out, (args, kwargs) in zip(outputs, self.inputs)]
 
