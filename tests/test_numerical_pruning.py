@@ -254,3 +254,18 @@ def test_run_numerical_pruning_end_to_end(shared_root, tmp_path):
         assert key in metrics
     loaded = load_compressed(run_dir / "compressed")
     assert sum(p.numel() for p in loaded.parameters()) == metrics["params/compressed"]
+
+
+def test_align_kept_moves_mlp_widths_to_the_nearest_multiple():
+    from compresslab.compress.structured_pruning import LayerScores, align_kept
+
+    scores = torch.arange(20, dtype=torch.float32)          # channel j scores j
+    mlp, attn = LayerScores(0, "mlp", scores, 3), LayerScores(0, "attention", scores, 9)
+    # 15 kept -> 16: the best-scored removed channel comes back
+    got = align_kept([mlp, attn], {(0, "mlp"): [0, 1, 2, 3, 9], (0, "attention"): [5]}, 8)
+    assert got[(0, "mlp")] == [0, 1, 2, 3] and got[(0, "attention")] == [5]
+    # 17 kept -> 16: the worst-scored kept channel goes too
+    assert align_kept([mlp], {(0, "mlp"): [4, 7, 9]}, 8)[(0, "mlp")] == [0, 4, 7, 9]
+    # 3 kept -> at least 8; 1: unchanged
+    assert len(align_kept([mlp], {(0, "mlp"): list(range(17))}, 8)[(0, "mlp")]) == 12
+    assert align_kept([mlp], {(0, "mlp"): [4]}, 1) == {(0, "mlp"): [4]}

@@ -68,7 +68,15 @@ def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module
         except AttributeError:
             raise ConfigError(f"plan names module {name}, which the model does not have") \
                 from None
-        set_module(model, name, PLAN_APPLIERS[kind](module, entry))
+        try:
+            replacement = PLAN_APPLIERS[kind](module, entry)
+        except KeyError as exc:
+            raise ConfigError(f"plan entry {name} (kind {kind!r}) lacks {exc}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"plan entry {name} (kind {kind!r}) cannot be applied: "
+                              f"{reason}") from None
+        set_module(model, name, replacement)
     return model
 
 
@@ -112,6 +120,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a weights file, without reading the tensors
+    where the format allows (safetensors: the header only); a damaged file gets a
+    one-line error."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in read_state_dict(path).items()
+                if isinstance(v, torch.Tensor)}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") \
+            from None
+    return shapes
+
+
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load tensors saved by :func:`save_state` strictly (tied tensors re-shared)."""
     state = read_state_dict(path)
@@ -150,30 +177,86 @@ def read_plan(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{folder} has no plan.json; is it a compressed-model folder?")
     try:
         plan = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"plan {path} is not valid JSON: {exc}") from None
-    if plan.get("format") != PLAN_FORMAT:
-        raise ConfigError(f"plan {path} has format {plan.get('format')!r}, "
-                          f"expected {PLAN_FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"plan {path} is not valid JSON (truncated or damaged?): {exc}") \
+            from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        found = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
+        raise ConfigError(f"plan {path} has format {found!r}, expected {PLAN_FORMAT!r}")
+    for key, kind in (("model", dict), ("data_spec", dict), ("layers", dict)):
+        if not isinstance(plan.get(key), kind):
+            raise ConfigError(f"plan {path} lacks {key!r} (or it is not a JSON object)")
+    if not isinstance(plan["model"].get("source"), dict):
+        raise ConfigError(f"plan {path} lacks the model's 'source'")
+    bad = [n for n, e in plan["layers"].items() if not isinstance(e, dict)]
+    if bad:
+        raise ConfigError(f"plan {path}: layer entry {bad[0]} is not a JSON object")
     return plan
 
 
-def load_compressed(folder: str | Path) -> nn.Module:
-    """Rebuild a model saved with :func:`save_compressed` (architecture from the
-    plan's configs, structure from its layer entries, tensors from safetensors)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def safe_source(source_cfg: dict[str, Any], where: str, trust_remote_code: bool = False):
+    """The model source a plan names, built without running anything the plan chooses:
+    its ``_target_`` must be a :class:`~compresslab.models.sources.ModelSource` of this
+    package, its options plain values, and ``trust_remote_code`` comes from the caller,
+    never from the file."""
+    from hydra.utils import get_object
 
+    from compresslab.models.sources import ModelSource
+
+    options = dict(source_cfg)
+    target = options.pop("_target_", None)
+    if not isinstance(target, str) or not target.startswith("compresslab."):
+        raise ConfigError(f"{where}: model source {target!r} is not a compresslab model source")
+    try:
+        cls = get_object(target)
+    except Exception:  # noqa: BLE001  (hydra raises several kinds for a bad path)
+        raise ConfigError(f"{where}: unknown model source {target!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ModelSource)):
+        raise ConfigError(f"{where}: {target!r} is not a compresslab model source")
+
+    def nested_target(value) -> bool:
+        if isinstance(value, dict):
+            return "_target_" in value or any(nested_target(v) for v in value.values())
+        if isinstance(value, list):
+            return any(nested_target(v) for v in value)
+        return False
+
+    if any(nested_target(v) for v in options.values()):
+        raise ConfigError(f"{where}: model source options may not name objects (_target_)")
+    if "trust_remote_code" in options:
+        options["trust_remote_code"] = bool(trust_remote_code)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: bad model source options: {exc}") from None
+
+
+def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild a model saved with :func:`save_compressed` (architecture from the
+    plan's configs, structure from its layer entries, tensors from safetensors).
+
+    Nothing in the folder can run code: the plan may only name a model source of this
+    package, and a checkpoint's own modelling code (HF ``trust_remote_code``) runs only
+    if the caller passes ``trust_remote_code=True``, whatever the plan says."""
     from compresslab.compress import soka  # noqa: F401  (registers "kronecker_adapter")
     from compresslab.models.sources import DataSpec
     from compresslab.stages import prune  # noqa: F401  (registers the "pruned_linear" kind)
 
     folder = Path(folder)
     plan = read_plan(folder)
-    source = instantiate(OmegaConf.create(plan["model"])["source"])
-    spec = plan["data_spec"]
+    where = f"plan {folder / 'plan.json'}"
+    source = safe_source(plan["model"]["source"], where, trust_remote_code)
+    spec = dict(plan["data_spec"])
     if spec.get("matrix_shape"):
         spec["matrix_shape"] = tuple(spec["matrix_shape"])
-    model = source.build(DataSpec(**spec))
+    try:
+        spec = DataSpec(**spec)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: bad data_spec: {exc}") from None
+    try:
+        model = source.build(spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot build the model it describes: "
+                          f"{str(exc).splitlines()[0]}") from None
     apply_plan(model, plan["layers"])
     return load_state(model, folder / "model.safetensors").eval()

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import platform
+import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -25,13 +27,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compresslab import resume
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
+from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
@@ -40,18 +45,44 @@ from compresslab.models.utils import count_params
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 
+log = logging.getLogger(__name__)
+
 
 def build_stages(cfg: DictConfig) -> list[Stage]:
     stages = []
     for name, stage_cfg in (cfg.method.get("stages") or {}).items():
         if stage_cfg is None:  # a stage switched off with method.stages.<name>=null
             continue
-        stage = instantiate(stage_cfg, _convert_="partial")
+        try:
+            stage = instantiate(stage_cfg, _convert_="partial")
+        except InstantiationException as exc:
+            raise ConfigError(f"method.stages.{name}: {instantiation_reason(exc)}") from None
         if not isinstance(stage, Stage):
             raise ConfigError(f"method.stages.{name} is not a Stage ({type(stage).__name__})")
-        stage.name = name
+        stage.name, stage.key = name, resume.stage_key(len(stages), name)
         stages.append(stage)
     return stages
+
+
+def instantiation_reason(exc: Exception) -> str:
+    """The user-facing part of Hydra's instantiation error (e.g. an unknown option)."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    text = " ".join(str(cause).split())
+    text = text.split("Error in call to target", 1)[0].strip() or text
+    match = re.search(r"got an unexpected keyword argument '(\w+)'", text)
+    if match:
+        return f"unknown option {match.group(1)!r}"
+    return text
+
+
+def build_object(node, where: str):
+    """``instantiate(node)``; a bad option is a one-line ConfigError naming ``where``."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        raise ConfigError(f"{where}: {instantiation_reason(exc)}") from None
 
 
 def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
@@ -68,6 +99,16 @@ def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
         check_ratio(ratio, "method.ratio")
     source.check()
     data.check()
+    data.check_loader()
+    check_trainer(cfg)
+    bad_splits = [s for s in cfg.eval.splits if s not in ("train", "val", "test")]
+    if bad_splits:
+        raise ConfigError(f"eval.splits: unknown split(s) {', '.join(map(str, bad_splits))} "
+                          f"(train | val | test)")
+    pretrain_steps = (cfg.model.get("pretrain") or {}).get("max_steps", 0)
+    if int(pretrain_steps or 0) < 0:
+        raise ConfigError(f"model.pretrain.max_steps must be >= 0 (0: no pre-training), "
+                          f"got {pretrain_steps}")
     if needs_pretraining(cfg):
         pretrain_stage(cfg)  # validates the base model's training settings
 
@@ -78,7 +119,7 @@ def pretrain_stage(cfg: DictConfig):
     settings = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
     settings.pop("seed", None)
     stage = TrainStage(**settings)
-    stage.name = "pretrain"
+    stage.name, stage.key = "base_pretrain", "base-pretrain"
     return stage
 
 
@@ -102,9 +143,14 @@ def evaluate_splits(model: nn.Module, ctx: RunContext, key: str) -> dict[str, fl
             for k, v in evaluate(model, ctx, split).items()}
 
 
-def build_logger(cfg: DictConfig):
+def build_logger(cfg: DictConfig, state: dict | None = None):
+    """The run's logger; W&B gets the run id kept in ``state`` (a new one the first time),
+    with ``resume="allow"`` so that a resumed run appends to the same W&B run."""
     if cfg.logger is None or not cfg.logger.get("_target_"):
         return None
+    if state is not None and cfg.logger._target_.endswith("WandbLogger"):
+        state["wandb_id"] = state.get("wandb_id") or resume.new_wandb_id()
+        return instantiate(cfg.logger, id=state["wandb_id"], resume="allow")
     return instantiate(cfg.logger)
 
 
@@ -142,24 +188,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics also written to ``metrics.json``."""
     quiet_libraries()
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "metrics.json").exists():
-        raise ConfigError(f"run folder {run_dir} already holds results; refusing to overwrite")
+    state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
+    if state["attempts"] > 1:
+        log.warning("continuing the interrupted run in %s (attempt %d)", run_dir,
+                    state["attempts"])
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
 
-    source: ModelSource = instantiate(cfg.model.source)
-    data: TaskDataModule = instantiate(cfg.dataset.datamodule)
-    pre_data = instantiate(cfg.pretrain_data.datamodule) if cfg.get("pretrain_data") else None
+    source: ModelSource = build_object(cfg.model.source, "model.source")
+    data: TaskDataModule = build_object(cfg.dataset.datamodule, "dataset.datamodule")
+    pre_data = (build_object(cfg.pretrain_data.datamodule, "pretrain_data.datamodule")
+                if cfg.get("pretrain_data") else None)
     stages = build_stages(cfg)
     check_settings(cfg, source, data, pre_data)
     bare = skeleton(source, pre_data or data)
+    source.check_weights(bare)
     adapter = adapter_for(bare)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, adapter=adapter, data=data)
     for stage in stages:
         stage.check(bare, ctx)
+    # read the data before the run folder is written: an empty, damaged or too small
+    # dataset also stops the run here (token caches may be written, nothing else)
+    data_start = time.perf_counter()
+    load_data(ctx, source, pre_data)
+    check_data(ctx, bare, stages)
+    ctx.metrics["time/data_s"] = time.perf_counter() - data_start
     del bare
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx.logger = build_logger(cfg)
+    ctx.logger = build_logger(cfg, state)
+    resume.write_state(run_dir, state)
     failed = True
     try:
         ctx.metrics.update(_run_stages(cfg, ctx, source, stages, pre_data))
@@ -179,31 +236,62 @@ def load_data(ctx: RunContext, source: ModelSource, pre_data: TaskDataModule | N
     ctx.data.load(tokenizer=pre_data.shared_tokenizer())
 
 
+def check_data(ctx: RunContext, bare: nn.Module, stages: list[Stage]) -> None:
+    """Checks that need the loaded data: the tokenizer against the model's embedding, and
+    each stage's :meth:`~compresslab.stages.base.Stage.check_data` (e.g. calibration size)."""
+    spec = ctx.data.spec()
+    embeddings = getattr(bare, "get_input_embeddings", None)
+    table = embeddings() if callable(embeddings) else None
+    if spec.modality == "text" and spec.vocab_size and table is not None \
+            and spec.vocab_size > table.num_embeddings:
+        raise ConfigError(f"tokenizer mismatch: dataset={ctx.cfg.dataset.name} is tokenized "
+                          f"into {spec.vocab_size} token ids but model={ctx.cfg.model.name} "
+                          f"has {table.num_embeddings} embedding rows; use the model's own "
+                          f"tokenizer (a checkpoint folder's tokenizer files)")
+    for stage in stages:
+        stage.check_data(ctx)
+
+
 def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
                 pre_data: TaskDataModule | None = None) -> dict:
     start = time.perf_counter()
     data = ctx.data
-    load_data(ctx, source, pre_data)
     if pre_data is None:
         model, base = build_base_model(cfg, source, data, lambda m: pretrain(m, ctx))
     else:
         pre_ctx = dataclasses.replace(ctx, data=pre_data)
         model, base = build_base_model(cfg, source, pre_data, lambda m: pretrain(m, pre_ctx),
                                        data_cfg=cfg.pretrain_data)
+    shutil.rmtree(resume.checkpoint_dir(ctx.run_dir, "base-pretrain"), ignore_errors=True)
     ctx.log({"base/cached": int(base.get("cached", False)),
              **{f"base/{k}": v for k, v in base.get("metrics", {}).items()}})
     L.seed_everything(int(cfg.seed), verbose=False)
 
+    done = resume.finished_stages(ctx.run_dir, stages)   # [] unless continuing a run
     dense_params = count_params(model)
-    dense_metrics = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
-    ctx.log({**dense_metrics, "params/dense": dense_params})
-    if any(getattr(s, "needs_dense_copy", False) for s in stages):
+    if not done:  # (a resumed run has these in the finished stages' records)
+        dense = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
+        ctx.log({**dense, "params/dense": dense_params})
+    if any(getattr(s, "needs_dense_copy", False) for s in stages[len(done):]):
         ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if done:
+        model = resume.restore_stages(model, ctx, stages, done)
+        dense_params = int(ctx.metrics.get("params/dense", dense_params))
+        ctx.last_saved = done[-1]["folder"]
+        log.info("resuming after stage %s (%s)", done[-1]["stage"], ctx.last_saved)
 
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        if index < len(done):
+            continue  # finished in an earlier attempt
+        # each stage's randomness depends on the run seed and its place only, not on what
+        # ran before in this process (a resumed run skips the finished stages)
+        L.seed_everything(resume.derive_seed(int(cfg.seed), "stage", index, stage.name),
+                          verbose=False)
         stage_start = time.perf_counter()
         model = stage.run(model, ctx)
         ctx.metrics.setdefault(f"{stage.name}/time_s", time.perf_counter() - stage_start)
+        resume.save_stage(ctx, index, stage, model)
+        ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
     final = evaluate_splits(model, ctx, "{split}/{metric}")
     params = count_params(model)
@@ -211,7 +299,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
              "params/ratio": 1 - params / dense_params,
              "time/total_s": time.perf_counter() - start})
     write_results(cfg, ctx, model, data)
-    if cfg.get("print_table", True):
+    resume.cleanup(ctx.run_dir)
+    if cfg.get("print_table", True) and is_main_process():
         from compresslab.report import print_run_table
 
         print_run_table(ctx.metrics, data.task)
@@ -219,8 +308,10 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
 
 
 def write_results(cfg, ctx: RunContext, model: nn.Module, data: TaskDataModule) -> None:
+    if not is_main_process():  # several processes (DDP): only the main one writes
+        return
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "seed": int(cfg.seed), "data": getattr(data, "info", {})}
+            "seed": int(cfg.seed), "processes": world()[1], "data": getattr(data, "info", {})}
     atomic_write_text(ctx.run_dir / "run_info.json", json.dumps(info, indent=1, default=str))
     if cfg.get("save_model", True) and ctx.plan:
         save_compressed(model, ctx.run_dir / "compressed", {

@@ -27,6 +27,12 @@ class GradNormStats(L.Callback):
         if trainer.logger is not None and len(self.norms) % self.log_every == 0:
             trainer.logger.log_metrics({"train/grad_norm": norm}, step=trainer.global_step)
 
+    def state_dict(self) -> dict:
+        return {"norms": self.norms}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.norms = list(state_dict["norms"])
+
     def summary(self) -> dict[str, float]:
         if not self.norms:
             return {}
@@ -56,6 +62,14 @@ class LossTracker(L.Callback):
         if (self.steps_to_target is None and self.target_loss is not None
                 and ema <= self.target_loss):
             self.steps_to_target = len(self.losses)
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses, "smoothed": self.smoothed,
+                "steps_to_target": self.steps_to_target}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.losses, self.smoothed = list(state_dict["losses"]), list(state_dict["smoothed"])
+        self.steps_to_target = state_dict["steps_to_target"]
 
     def summary(self) -> dict[str, float]:
         if self.target_loss is None:

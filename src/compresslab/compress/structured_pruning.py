@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from compresslab.compress.calibration import ChannelMoments, Gram
+from compresslab.compress.linalg import RepairLog, cholesky_with_repair, spd_inverse, spd_solve
+from compresslab.errors import NumericalError
 
 
 class LayerInputs(ChannelMoments):
@@ -61,25 +63,32 @@ def mask_hessian(weight: torch.Tensor, gram: torch.Tensor, damping: float) -> to
     return hl + damping * torch.eye(len(hl), dtype=hl.dtype)
 
 
-def numerical_mask(hl: torch.Tensor, keep: float, lam: float) -> torch.Tensor:
+def numerical_mask(hl: torch.Tensor, keep: float, lam: float,
+                   repairs: RepairLog | None = None) -> torch.Tensor:
     """Closed-form minimiser ``z* = 1 - c Hl^{-1} 1`` of the quadratic mask objective
-    ``1/2 (1-z)^T Hl (1-z) + lam/2 (<1,z> - keep)^2``."""
+    ``1/2 (1-z)^T Hl (1-z) + lam/2 (<1,z> - keep)^2``. A singular ``Hl`` (no damping,
+    dead channels) is repaired by :func:`~compresslab.compress.linalg.cholesky_with_repair`."""
     d = len(hl)
-    hinv_one = torch.linalg.solve(hl, torch.ones(d, dtype=hl.dtype))
+    hinv_one = spd_solve(hl, torch.ones(d, dtype=hl.dtype), what="the mask Hessian",
+                         repairs=repairs)
     c = lam * (d - keep) / (1 + lam * hinv_one.sum())
     return 1 - c * hinv_one
 
 
 def numerical_mask_newton(hl: torch.Tensor, keep: float, lam: float, steps: int = 50,
-                          start: torch.Tensor | None = None) -> torch.Tensor:
+                          start: torch.Tensor | None = None,
+                          repairs: RepairLog | None = None) -> torch.Tensor:
     """The same minimiser by the paper's iterated Newton steps ``z <- z - H^{-1} g``."""
     d = len(hl)
     one = torch.ones(d, dtype=hl.dtype)
     hess = hl + lam * torch.outer(one, one)
+    chol, shift = cholesky_with_repair(hess, what="the mask Newton Hessian")
+    if repairs is not None:
+        repairs.record("the mask Newton Hessian", shift)
     z = one.clone() if start is None else start.to(hl.dtype).clone()
     for _ in range(steps):
         grad = hl @ (z - 1) + lam * (z.sum() - keep) * one
-        z = z - torch.linalg.solve(hess, grad)
+        z = z - torch.cholesky_solve(grad[:, None], chol)[:, 0]
     return z
 
 
@@ -95,6 +104,10 @@ class Criterion:
                  group_size: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def report(self) -> dict[str, float]:
+        """Numbers for the stage's metrics (e.g. repairs of singular solves)."""
+        return {}
+
 
 class NumericalScore(Criterion):
     """Soft-mask score of the numerical pruning paper: ``z*`` per input channel, the mean
@@ -104,13 +117,17 @@ class NumericalScore(Criterion):
     def __init__(self, ratio: float, lam: float = 1.0, damping: float = 1e-4,
                  newton_steps: int = 0):
         self.ratio, self.lam, self.damping, self.newton_steps = ratio, lam, damping, newton_steps
+        self.repairs = RepairLog("score_cholesky")
 
     def __call__(self, weight, inputs, group_size):
         hl = mask_hessian(weight, inputs.gram, self.damping)
         keep = (1 - self.ratio) * len(hl)
-        z = (numerical_mask_newton(hl, keep, self.lam, self.newton_steps)
-             if self.newton_steps else numerical_mask(hl, keep, self.lam))
+        z = (numerical_mask_newton(hl, keep, self.lam, self.newton_steps, repairs=self.repairs)
+             if self.newton_steps else numerical_mask(hl, keep, self.lam, self.repairs))
         return group_reduce(z, group_size, "mean")
+
+    def report(self):
+        return self.repairs.report()
 
 
 class MagnitudeScore(Criterion):
@@ -214,6 +231,37 @@ class UniformAllocation(Allocator):
         return removed
 
 
+def align_kept(layers: Sequence[LayerScores], removal: dict[tuple[int, str], list[int]],
+               align: int, kinds: Sequence[str] = ("mlp",)) -> dict[tuple[int, str], list[int]]:
+    """Adjust ``removal`` so that every layer of ``kinds`` keeps a multiple of ``align``
+    structures: the nearest multiple (ties: keep more; at least ``align`` when the layer
+    has that many), by restoring its best-scored removed structures or removing its
+    worst-scored kept ones. Matrix products with such widths run faster (an MLP of 2239
+    channels costs ~20% more per channel than one of 2240 on a CPU; docs/bench.md); the
+    achieved ratio moves by less than ``align / 2`` structures per layer."""
+    if align <= 1:
+        return removal
+    out = dict(removal)
+    for ls in layers:
+        key = (ls.block, ls.kind)
+        if ls.kind not in kinds:
+            continue
+        n, gone = len(ls.scores), list(out.get(key, []))
+        kept = n - len(gone)
+        target = min(n, max(align if n >= align else kept,
+                            align * ((kept + align // 2) // align)))
+        if target == kept:
+            continue
+        order = sorted(range(n), key=lambda j: float(ls.scores[j]))      # worst first
+        if target > kept:                       # restore the best-scored removed ones
+            restore = set(sorted(gone, key=lambda j: float(ls.scores[j]))[kept - target:])
+            out[key] = sorted(j for j in gone if j not in restore)
+        else:                                   # remove the worst-scored kept ones
+            extra = [j for j in order if j not in set(gone)][:kept - target]
+            out[key] = sorted(gone + extra)
+    return out
+
+
 # -- compensation of the consuming layer ----------------------------------------------------
 
 class Compensator:
@@ -223,21 +271,30 @@ class Compensator:
     def __call__(self, linear: nn.Linear, inputs: LayerInputs, pruned: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def report(self) -> dict[str, float]:
+        """Numbers for the stage's metrics (e.g. repairs of singular solves)."""
+        return {}
+
 
 def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
-               damping: float) -> torch.Tensor:
+               damping: float, repairs: RepairLog | None = None) -> torch.Tensor:
     """Group-OBS row removal: ``W + dW*`` with ``dW* = -G^{-1} M (M^T G^{-1} M)^{-1} M^T W``,
     ``G = 2 X^T X + gamma I``, ``gamma = damping * mean diag(2 X^T X)``.
 
     ``weight``: out x in (an ``nn.Linear`` weight); returns the updated weight, whose
-    pruned input columns are zero."""
+    pruned input columns are zero. A singular ``G`` (``damping`` 0 with fewer tokens than
+    inputs, dead channels) is repaired by
+    :func:`~compresslab.compress.linalg.cholesky_with_repair` and counted in ``repairs``."""
     g = 2 * gram.double()
     g = g + damping * g.diagonal().mean().clamp_min(1e-30) * torch.eye(len(g), dtype=g.dtype)
     w = weight.double().T                                    # D x D'
-    ginv = torch.linalg.inv(g)
+    ginv = spd_inverse(g, what="2 X^T X + gamma I", repairs=repairs)
     cols = ginv[:, pruned]                                   # G^{-1} M
-    delta = -cols @ torch.linalg.solve(cols[pruned], w[pruned])
+    delta = -cols @ spd_solve(cols[pruned], w[pruned], what="the pruned block of G^-1",
+                              repairs=repairs)
     updated = w + delta
+    if not bool(torch.isfinite(updated).all()):
+        raise NumericalError("group-OBS update is not finite (NaN/Inf weights)")
     updated[pruned] = 0                                      # exact zeros (round-off)
     return updated.T.to(weight.dtype)
 
@@ -247,11 +304,15 @@ class OBSCompensation(Compensator):
 
     def __init__(self, damping: float = 0.01):
         self.damping = damping
+        self.repairs = RepairLog("compensation_cholesky")
 
     def __call__(self, linear, inputs, pruned):
         if len(pruned):
             linear.weight.data.copy_(obs_update(linear.weight.data, inputs.gram, pruned,
-                                                self.damping))
+                                                self.damping, self.repairs))
+
+    def report(self):
+        return self.repairs.report()
 
 
 class BiasCompensation(Compensator):

@@ -19,8 +19,10 @@ import logging
 import torch
 
 from compresslab.compress.calibration import ChannelMoments, Gram
+from compresslab.compress.linalg import cholesky_with_repair  # noqa: F401  (also re-exported)
 from compresslab.compress.lowrank import balanced_factors
 from compresslab.compress.svd import Decomposer
+from compresslab.errors import NumericalError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,16 @@ def _scaled_truncation(weight: torch.Tensor, rank: int, row_scale: torch.Tensor 
     return left.to(weight.dtype), right.to(weight.dtype)
 
 
-def positive_scale(values: torch.Tensor, floor: float) -> torch.Tensor:
-    """``values`` with entries below ``floor * mean`` raised to it (no division by zero)."""
+def positive_scale(values: torch.Tensor, floor: float, what: str = "a layer") -> torch.Tensor:
+    """``values`` with entries below ``floor * mean`` raised to it (no division by zero);
+    all ones when every entry is 0 (no calibration signal: the plain SVD)."""
     values = values.double()
-    return values.clamp_min(floor * float(values.mean().clamp_min(1e-300)))
+    if not bool(torch.isfinite(values).all()):
+        raise NumericalError(f"calibration statistics of {what} have NaN/Inf entries")
+    mean = float(values.mean())
+    if not mean > 0:
+        return torch.ones_like(values)
+    return values.clamp_min(floor * mean)
 
 
 class FisherWeightedSVD(Decomposer):
@@ -66,7 +74,7 @@ class FisherWeightedSVD(Decomposer):
 
     def __call__(self, weight, rank, name, stats=None):
         return _scaled_truncation(weight, rank,
-                                  row_scale=positive_scale(stats, self.floor).sqrt())
+                                  row_scale=positive_scale(stats, self.floor, name).sqrt())
 
 
 class ActivationAwareSVD(Decomposer):
@@ -81,31 +89,8 @@ class ActivationAwareSVD(Decomposer):
         return ChannelMoments()
 
     def __call__(self, weight, rank, name, stats=None):
-        scale = positive_scale(stats.abs_mean, self.floor).pow(self.alpha)
+        scale = positive_scale(stats.abs_mean, self.floor, name).pow(self.alpha)
         return _scaled_truncation(weight, rank, col_scale=scale)
-
-
-def cholesky_with_repair(gram: torch.Tensor, eps: float = 1e-6, max_tries: int = 8
-                         ) -> tuple[torch.Tensor, float]:
-    """Lower ``L`` with ``gram + shift I = L L^T`` and the ``shift`` used (0 if none).
-
-    Repair when ``gram`` is not positive definite (fewer tokens than inputs, dead
-    channels): ``shift = -lambda_min + eps * mean(diag)``, ``eps`` growing tenfold per
-    failed retry (the reference adds ``-lambda_min + 1e-6``; bigger models needed more).
-    """
-    gram = gram.double()
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        return chol, 0.0
-    lam_min = float(torch.linalg.eigvalsh(gram)[0])
-    unit = float(gram.diagonal().mean().abs().clamp_min(1e-300))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    for attempt in range(max_tries):
-        shift = max(-lam_min, 0.0) + eps * unit * 10.0 ** attempt
-        chol, info = torch.linalg.cholesky_ex(gram + shift * eye)
-        if int(info) == 0:
-            return chol, shift
-    raise FloatingPointError(f"Cholesky failed after {max_tries} repairs (shift {shift:.3e})")
 
 
 class WhitenedSVD(Decomposer):
@@ -128,7 +113,8 @@ class WhitenedSVD(Decomposer):
         return Gram(self.accumulate)
 
     def whiten(self, gram: torch.Tensor, name: str) -> torch.Tensor:
-        chol, shift = cholesky_with_repair(gram, self.repair_eps)
+        chol, shift = cholesky_with_repair(gram, self.repair_eps,
+                                           what=f"X^T X of {name or 'a layer'}")
         if shift:
             self.shifts[name] = shift
             log.warning("%s: X^T X is not positive definite; Cholesky repaired with shift %.3e",

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from compresslab.data.base import TaskDataModule
+from compresslab.distributed import is_main_process, wait_for_file
 from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
 
@@ -123,6 +124,8 @@ class TextBlocksDataModule(TaskDataModule):
         if tokenizer is None:
             folder = self._cache_folder({**ident, "bpe_vocab": self.vocab_size})
             tok_file = folder / "tokenizer.json"
+            if not is_main_process():  # several processes (DDP): the main one writes caches
+                wait_for_file(tok_file)
             if tok_file.is_file():
                 from tokenizers import Tokenizer
 
@@ -154,6 +157,8 @@ class TextBlocksDataModule(TaskDataModule):
 
     def _cached_ids(self, folder: Path, split: str) -> np.ndarray:
         path = folder / f"{split}.npy"
+        if not is_main_process():
+            wait_for_file(path)
         if not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             ids = self.tokenizer.encode_documents(self.documents(split))

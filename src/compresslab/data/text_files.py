@@ -12,8 +12,10 @@ is one document; json/jsonl and parquet read the column ``text_field``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
+from compresslab.data.base import require_file
 from compresslab.data.text import TextBlocksDataModule
 from compresslab.errors import ConfigError
 
@@ -35,8 +37,7 @@ class TextFilesDataModule(TextBlocksDataModule):
             if not path:
                 raise ConfigError(f"dataset=text_files needs dataset.{split}=/path/to/file")
             p = Path(path).expanduser()
-            if not p.is_file():
-                raise ConfigError(f"dataset.{split} file does not exist: {p}")
+            require_file(p, f"dataset.{split}")
             if p.suffix not in _FORMATS:
                 raise ConfigError(f"dataset.{split}: unsupported file type {p.suffix!r} "
                                   f"(use {', '.join(sorted(_FORMATS))})")
@@ -46,8 +47,21 @@ class TextFilesDataModule(TextBlocksDataModule):
 
         path = str(Path(self.paths[split]).expanduser())
         fmt = _FORMATS[Path(path).suffix]
-        data = load_dataset(fmt, data_files={split: path}, split=split,
-                            cache_dir=str(Path(self.cache_dir) / "hf_datasets"))
+        import datasets
+
+        datasets.disable_progress_bars()   # (its bars and parser logs are not ours to show)
+        log, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+        log.setLevel(logging.CRITICAL)
+        try:
+            data = load_dataset(fmt, data_files={split: path}, split=split,
+                                cache_dir=str(Path(self.cache_dir) / "hf_datasets"))
+        except Exception as exc:  # noqa: BLE001  (datasets wraps parser errors in its own)
+            reason = exc.__cause__ or exc
+            raise ConfigError(f"dataset.{split}: cannot read {path} as {fmt}: "
+                              f"{type(reason).__name__}: {str(reason).splitlines()[0]}") \
+                from None
+        finally:
+            log.setLevel(level)
         if self.text_field not in data.column_names:
             raise ConfigError(f"dataset.{split} ({path}) has no column {self.text_field!r}; "
                               f"columns: {', '.join(data.column_names)}")

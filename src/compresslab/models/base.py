@@ -4,12 +4,14 @@ Models built from scratch (``llama_tiny``, ``vit_tiny``) are pre-trained on the
 run's dataset with ``model.pretrain`` and cached under ``paths.base`` in a
 folder keyed by a hash of the model config and the dataset's identity; later
 runs load the cache. A file lock keeps parallel sweep jobs from training the
-same base twice. Models read from local weights are used as they are unless
+same base twice; of the processes of one DDP run only the main one writes the cache.
+Models read from local weights are used as they are unless
 ``model.pretrain.max_steps > 0`` (e.g. to train a new classification head).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +26,7 @@ from torch import nn
 
 from compresslab.checkpoints import atomic_write_text, load_state, save_state
 from compresslab.data.base import TaskDataModule
+from compresslab.distributed import is_main_process, wait_for
 from compresslab.models.sources import ModelSource
 
 BASE_FORMAT = "compresslab-base/1"
@@ -69,25 +72,40 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
     key = base_key(cfg, data_cfg, data)
     folder = Path(cfg.paths.base) / f"{cfg.model.name}-{data_cfg.name}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    record_path = folder / "base.json"
+    # several processes of one run (DDP): the main one holds the lock and writes the cache;
+    # the others load the cache, or pre-train with it when it says so in ``training``
+    main = is_main_process()
+    training = folder.with_name(folder.name + ".training")
+    if not main:
+        wait_for(lambda: record_path.is_file() or (
+            training.is_file() and training.read_text() == str(cfg.run_dir)),
+            f"{record_path} (or {training})")
+    with FileLock(str(folder) + ".lock") if main else contextlib.nullcontext():
         L.seed_everything(int(cfg.model.pretrain.get("seed", 0)), verbose=False)
         model = source.build(data.spec())
-        record_path = folder / "base.json"
         if record_path.is_file():
             load_state(model, folder / "model.safetensors")
             record = json.loads(record_path.read_text())
             return model.eval(), {**record, "cached": True, "folder": str(folder)}
         start = time.perf_counter()
-        metrics = pretrain_fn(model)
+        if main:
+            atomic_write_text(training, str(cfg.run_dir))
+        try:
+            metrics = pretrain_fn(model)
+        finally:
+            if main:
+                training.unlink(missing_ok=True)
         record = {"format": BASE_FORMAT, "model": OmegaConf.to_container(cfg.model, resolve=True),
                   "data": data_identity(data_cfg, data), "metrics": metrics,
                   "pretrain_time_s": time.perf_counter() - start}
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_state(model, tmp / "model.safetensors")
-        atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
-        os.replace(tmp, folder)
+        if main:
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_state(model, tmp / "model.safetensors")
+            atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
+            os.replace(tmp, folder)
     return model.eval(), {**record, "cached": False, "pretrained_here": True,
                           "folder": str(folder)}

@@ -47,6 +47,11 @@ class ModelSource:
     def check(self) -> None:
         """Raise :class:`ConfigError` for settings that cannot work; do no real work."""
 
+    def check_weights(self, skeleton: nn.Module) -> None:
+        """Raise :class:`ConfigError` if the weights files cannot be read or do not fit
+        ``skeleton`` (the architecture on the meta device); reads file headers only where
+        the format allows (safetensors)."""
+
     def tokenizer(self) -> Any | None:
         return None
 
@@ -113,18 +118,39 @@ class LocalHFCausalLM(ModelSource):
         _require_dir(self.path, "model=llama", "config.json")
         parse_dtype(self.dtype)
 
+    def check_weights(self, skeleton: nn.Module) -> None:
+        from compresslab.checkpoints import tensor_shapes
+
+        own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        for file in sorted(Path(self.path).expanduser().glob("*.safetensors")):
+            shapes = tensor_shapes(file)
+            wrong = sorted(k for k, s in shapes.items() if k in own and own[k] != s)
+            if wrong:
+                raise ConfigError(f"weights in {file} do not match {self.path}/config.json "
+                                  f"({len(wrong)} of wrong shape, e.g. {wrong[0]}: "
+                                  f"{shapes[wrong[0]]} vs {own[wrong[0]]})")
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, local_files_only=True,
-                                             trust_remote_code=self.trust_remote_code)
+        try:
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                                 trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the tokenizer of {self.path}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
     def build(self, spec: DataSpec) -> nn.Module:
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
-            self.path, local_files_only=True, dtype=parse_dtype(self.dtype),
-            trust_remote_code=self.trust_remote_code)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                self.path, local_files_only=True, dtype=parse_dtype(self.dtype),
+                trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise ConfigError(f"cannot load checkpoint {self.path}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
     def skeleton(self, spec: DataSpec) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -179,22 +205,31 @@ class TimmViT(ModelSource):
         if not Path(self.weights).expanduser().is_file():
             raise ConfigError(f"model=vit weights file does not exist: {self.weights}")
 
-    def build(self, spec: DataSpec) -> nn.Module:
+    def _misfits(self, shapes: dict[str, tuple], own: dict[str, tuple]) -> list[str]:
+        """Tensors of the file that do not fit (a differing ``head.*`` is retrained here)."""
+        misfit = sorted(k for k in shapes if k in own and shapes[k] != own[k]
+                        and not k.startswith("head."))
+        missing = [k for k in own if k not in shapes and not k.startswith("head.")]
+        wrong = misfit + missing + [k for k in shapes if k not in own]
+        if wrong:
+            raise ConfigError(f"weights file {self.weights} does not fit timm model "
+                              f"{self.name}: {len(wrong)} mismatched tensors, e.g. {wrong[0]}")
+        return [k for k in shapes if k in own and shapes[k] != own[k]]   # heads to drop
 
+    def check_weights(self, skeleton: nn.Module) -> None:
+        from compresslab.checkpoints import tensor_shapes
+
+        self._misfits(tensor_shapes(Path(self.weights).expanduser()),
+                      {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+
+    def build(self, spec: DataSpec) -> nn.Module:
         from compresslab.checkpoints import read_state_dict
 
         model = self.skeleton(spec)
         state = read_state_dict(Path(self.weights).expanduser())
-        own = model.state_dict()
-        misfit = {k for k in state if k in own and state[k].shape != own[k].shape}
-        for k in [k for k in misfit if k.startswith("head.")]:  # a new head is trained here
-            state.pop(k)
-            misfit.discard(k)
-        missing = [k for k in own if k not in state and not k.startswith("head.")]
-        wrong = sorted(misfit) + missing + [k for k in state if k not in own]
-        if wrong:
-            raise ConfigError(f"weights file {self.weights} does not fit timm model "
-                              f"{self.name}: {len(wrong)} mismatched tensors, e.g. {wrong[0]}")
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for k in self._misfits({k: tuple(v.shape) for k, v in state.items()}, own):
+            state.pop(k)  # a new head is trained here
         model.load_state_dict(state, strict=False)
         return model
 

@@ -21,6 +21,7 @@ from compresslab.callbacks.training_stats import GradNormStats, LossTracker
 from compresslab.compress.kpsvd import KronShape, TermSelector, fit_budget, kpsvd
 from compresslab.compress.ratio import lowrank_params
 from compresslab.compress.soka import KroneckerAdapterLinear
+from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
 from compresslab.models.utils import set_module
 from compresslab.stages.base import RunContext, Stage
@@ -138,17 +139,28 @@ class PeftAdapterStage(Stage):
         if not callable(self.config):
             raise ConfigError(f"stage {self.name}: config must be a partial peft config "
                               f"(_partial_: true)")
-        chosen_linears(self, model, ctx)
+        names = sorted(chosen_linears(self, model, ctx))
+        try:  # builds the peft config only (no model): unknown options and values fail here
+            self.config(target_modules=names)
+        except (TypeError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"stage {self.name}: bad peft config: {reason}") from None
 
     def run(self, model, ctx):
+        model, names = self.wrap(model, ctx)
+        ctx.log({"trainable/params": trainable_params(model),
+                 f"{self.name}/layers": len(names)})
+        return model
+
+    def wrap(self, model, ctx):
         from peft import get_peft_model
 
         names = sorted(chosen_linears(self, model, ctx))
         peft_model = get_peft_model(model, self.config(target_modules=names))
-        model = peft_model.base_model.model   # the same model, its linears now wrapped
-        ctx.log({"trainable/params": trainable_params(model),
-                 f"{self.name}/layers": len(names)})
-        return model
+        return peft_model.base_model.model, names   # the same model, its linears now wrapped
+
+    def rebuild(self, model, ctx):
+        return self.wrap(model, ctx)[0]   # peft layers are not in the plan; weights load after
 
 
 class AdapterTrainStage(TrainStage):
@@ -179,7 +191,7 @@ class AdapterTrainStage(TrainStage):
         model = super().run(model, ctx)
         summary = {**grads.summary(), **losses.summary()}
         ctx.log({f"{self.name}/{k}": v for k, v in summary.items()})
-        if ctx.run_dir is not None:
+        if ctx.run_dir is not None and is_main_process():
             curve = {"loss": losses.losses, "smoothed": losses.smoothed,
                      "grad_norm": grads.norms, "target_loss": self.target_loss}
             (ctx.run_dir / f"{self.name}_loss_curve.json").write_text(json.dumps(curve))
@@ -190,6 +202,16 @@ class MergeAdaptersStage(Stage):
     """Fold every adapter (SoKA or peft) into a plain ``nn.Linear`` for deployment."""
 
     def run(self, model, ctx):
+        merged = self.merge(model, ctx)
+        model.requires_grad_(False)
+        ctx.log({f"{self.name}/layers": merged})
+        return model
+
+    def rebuild(self, model, ctx):
+        self.merge(model, ctx)   # the structure; the merged weights load after
+        return model
+
+    def merge(self, model, ctx) -> int:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         merged = 0
@@ -203,7 +225,5 @@ class MergeAdaptersStage(Stage):
                 continue
             ctx.plan.pop(name, None)
             merged += 1
-        model.requires_grad_(False)
-        ctx.log({f"{self.name}/layers": merged})
-        return model
+        return merged
 

@@ -30,6 +30,7 @@ class RunContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, dict[str, Any]] = field(default_factory=dict)   # module -> entry
     teacher: nn.Module | None = None     # frozen copy of the dense model, when asked for
+    last_saved: str | None = None        # folder of the newest finished stage's saved state
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record metrics for ``metrics.json`` and send them to the logger."""
@@ -53,12 +54,27 @@ class RunContext:
 
 
 class Stage:
-    """Base class; ``name`` is set by the pipeline from the stage's key in the config."""
+    """Base class; ``name`` is set by the pipeline from the stage's key in the config,
+    ``key`` (``<index>-<name>``, unique in the run) names its checkpoint folder."""
 
     name: str = "stage"
+    key: str | None = None
+    #: False for stages that only measure: no model copy is saved when they finish
+    changes_model: bool = True
 
     def check(self, model: nn.Module, ctx: RunContext) -> None:
         """Raise ConfigError if the settings cannot work on this model (no real work)."""
 
+    def check_data(self, ctx: RunContext) -> None:
+        """Raise ConfigError if the loaded data cannot serve this stage (e.g. fewer
+        calibration samples than asked for); called after :meth:`check`, once the data is
+        loaded and before any model is built or trained."""
+
     def run(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         raise NotImplementedError
+
+    def rebuild(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """On resume, after this stage finished in an earlier attempt: re-create the
+        structure it leaves that ``ctx.plan`` does not describe (the plan is applied
+        before, the saved tensors are loaded after). Default: nothing."""
+        return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from compresslab.callbacks.progress import progress_enabled, track
@@ -12,6 +13,7 @@ from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSe
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import lowrank_params, resolve_rank
 from compresslab.compress.svd import Decomposer
+from compresslab.errors import NumericalError
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
 
@@ -36,20 +38,25 @@ class LowRankStage(Stage):
     """Replace each selected linear by a :class:`LowRankLinear` from ``decomposer``.
 
     ``ratio``: fraction of each layer's weights removed (rank from
-    ``compress.ratio.rank_for_ratio``); or an explicit ``rank`` for every layer.
+    ``compress.ratio.rank_for_ratio``, rounded down to a multiple of ``round_to`` when
+    that removes at most ``round_slack`` more of the layer; null: always); or an explicit
+    ``rank`` for every layer.
     ``roles``: adapter roles to compress (null = all attention and MLP linears).
     ``omit``: substrings of qualified names to leave dense.
     ``calibration``: samples for decomposers with ``needs_calibration``
     (:class:`~compresslab.compress.calibration.CalibrationSettings` or its options);
     their input statistics are collected block by block on the already-compressed
-    prefix, so only one block's statistics are alive at a time.
+    prefix, so only one block's statistics are alive at a time, and each dense layer is
+    released as soon as its factors replace it (peak memory: the model plus one block's
+    statistics and factors, not a second copy of the compressed layers).
     """
 
     def __init__(self, decomposer: Decomposer, ratio: float | None = None,
-                 rank: int | None = None, round_to: int = 1,
+                 rank: int | None = None, round_to: int = 1, round_slack: float | None = None,
                  roles: Sequence[str] | None = None, omit: Sequence[str] = (),
                  calibration: CalibrationSettings | dict | None = None):
         self.decomposer, self.ratio, self.rank, self.round_to = decomposer, ratio, rank, round_to
+        self.round_slack = round_slack
         self.roles = list(roles) if roles is not None else None
         self.omit = list(omit)
         if not isinstance(calibration, CalibrationSettings):
@@ -59,7 +66,8 @@ class LowRankStage(Stage):
     def ranks(self, model: nn.Module, ctx: RunContext) -> dict[str, int]:
         layers = select_linears(model, ctx.adapter, self.roles, self.omit)
         return {name: resolve_rank(name, lin.in_features, lin.out_features, ratio=self.ratio,
-                                   rank=self.rank, round_to=self.round_to)
+                                   rank=self.rank, round_to=self.round_to,
+                                   round_slack=self.round_slack)
                 for name, lin in layers.items()}
 
     def check(self, model, ctx):
@@ -70,6 +78,13 @@ class LowRankStage(Stage):
                               f"omit={self.omit}")
         if self.decomposer.needs_calibration:
             self.calibration.check(ctx.data)
+
+    def check_data(self, ctx):
+        from compresslab.data.base import check_calibration_size
+
+        if self.decomposer.needs_calibration and self.calibration.data is None:
+            check_calibration_size(ctx.data, self.calibration.num_samples,
+                                   "method.calibration.num_samples")
 
     def layers_with_stats(self, model: nn.Module, ctx: RunContext, ranks: dict[str, int]):
         """Yield ``(name, rank, stats)``; with calibration, block by block: the caller
@@ -82,6 +97,7 @@ class LowRankStage(Stage):
         task = (self.calibration.data or ctx.data).task
         layers = {name: model.get_submodule(name) for name in ranks}
         whole = self.decomposer.model_statistics(model, ctx.adapter, task, batches, layers)
+        del layers  # holding every dense layer would keep them all alive until the end
         if self.decomposer.input_statistic() is None:
             for name, rank in ranks.items():
                 yield name, rank, whole.get(name)
@@ -92,6 +108,7 @@ class LowRankStage(Stage):
             mine = {names[id(lin)]: lin for lin in ctx.adapter.block_linears(block).values()
                     if names.get(id(lin)) in ranks}
             stats = calib.collect(block, mine, self.decomposer.input_statistic)
+            mine = list(mine)       # names only: each dense layer is freed once replaced
             for name in mine:
                 yield name, ranks[name], stats.pop(name)
             del stats
@@ -107,12 +124,17 @@ class LowRankStage(Stage):
             layer = model.get_submodule(name)
             left, right = self.decomposer(layer.weight, rank, name, stats)
             del stats  # keep at most one block's statistics alive
+            if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+                raise NumericalError(f"stage {self.name}: the factors of {name} are not finite "
+                                     f"(NaN/Inf weights or statistics)")
             set_module(model, name, LowRankLinear.from_factors(left, right, layer.bias))
+            del left, right
             dense += layer.in_features * layer.out_features
             kept += lowrank_params(layer.in_features, layer.out_features, rank)
             ctx.plan[name] = {"kind": "lowrank", "rank": rank, "in_features": layer.in_features,
                               "out_features": layer.out_features,
                               "bias": layer.bias is not None}
+            del layer  # the dense weight is freed as soon as its factors replace it
         ctx.log({f"{self.name}/params_ratio": 1 - kept / dense,
                  f"{self.name}/model_params_ratio": 1 - count_params(model) / dense_total,
                  f"{self.name}/layers": len(ranks),

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from compresslab.compress import dln
+from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import NonFiniteLossError
 from compresslab.stages.optim import OptimConfig
+from compresslab.stages.train import fit
 
 
 def recovery_errors(w: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -49,7 +51,7 @@ class DLNRecorder:
     """Per-step trajectory of one training run (kept in memory, written as JSON)."""
 
     def __init__(self, sv_every: int, diag_every: int, top_k: int, log_every: int,
-                 eps_rtol: float = 1e-3, rank_rtol: float = 1e-5):
+                 eps_rtol: float = 1e-3, rank_rtol: float = 1e-7):
         self.sv_every, self.diag_every, self.top_k = sv_every, diag_every, top_k
         self.log_every, self.eps_rtol, self.rank_rtol = log_every, eps_rtol, rank_rtol
         self.steps: list[dict[str, float]] = []
@@ -58,6 +60,15 @@ class DLNRecorder:
         self.diag: list[dict[str, Any]] = []
         self.initial: list[torch.Tensor] = []
         self.eps: list[float] = []
+
+    STATE = ("steps", "sv_steps", "sv", "diag", "initial", "eps")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
 
     def start(self, weights: list[torch.Tensor]) -> None:
         self.initial = [w.detach().clone() for w in weights]
@@ -116,13 +127,27 @@ class DeepLinearGD(L.LightningModule):
         self.stop_loss, self.recorder = stop_loss, recorder
         self.automatic_optimization = False
         self.iteration, self.gd_seconds = 0, 0.0
+        self.finished, self._resumed = False, False
 
     def configure_optimizers(self):
         return None
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["compresslab"] = {"iteration": self.iteration, "gd_seconds": self.gd_seconds,
+                                     "finished": self.finished,
+                                     "recorder": self.recorder.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint["compresslab"]
+        self.iteration, self.gd_seconds = state["iteration"], state["gd_seconds"]
+        self.finished = state["finished"]
+        self.recorder.load_state_dict(state["recorder"])
+        self._resumed = True
+
     def on_train_start(self):
         self.weights = layer_weights(self.model, self.adapter)
-        self.recorder.start(self.weights)
+        if not self._resumed:  # a resumed run keeps the initial weights it recorded
+            self.recorder.start(self.weights)
 
     def count_step(self) -> None:
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
@@ -143,6 +168,9 @@ class DeepLinearGD(L.LightningModule):
         return value, done
 
     def training_step(self, batch, batch_idx):
+        if self.finished:  # resumed from the checkpoint written when training ended
+            self.trainer.should_stop = True
+            return None
         for _ in range(self.steps_per_call):
             start = time.perf_counter()
             value, done = self.gd_step(batch)
@@ -152,6 +180,7 @@ class DeepLinearGD(L.LightningModule):
             self.recorder.record(self.iteration, value, self.gd_seconds, self.model,
                                  self.adapter, batch, self.logger, final=done)
             if done:
+                self.finished = True
                 self.trainer.should_stop = True
                 return None
             self.iteration += 1
@@ -178,16 +207,18 @@ class DeepLinearGDStage(Stage):
     singular value counts as learned once it reaches this fraction of the target's.
     ``thresholds``: recovery errors whose first iteration and GD seconds are reported.
     ``rank_rtol``: singular values of ``W_l(t) - W_l(0)`` above this fraction of the
-    largest count towards its rank; ``eps_rtol``: a singular value of ``W_l(t)`` within
-    this relative distance of eps counts as still at eps.
+    largest count towards its rank (1e-7: in the first and last layers the second r of the
+    2r updated directions are only ~eps^2 of the largest change, a few 1e-6 at eps=1e-2,
+    while the d - 2r uniformly shrunk directions sit near 1e-9); ``eps_rtol``: a singular
+    value of ``W_l(t)`` within this relative distance of eps counts as still at eps.
     """
 
     def __init__(self, max_steps: int = 100000, optim: dict | None = None, alpha: float = 1.0,
                  steps_per_call: int = 1, stop_loss: float | None = None, log_every: int = 10,
                  sv_every: int = 10, diag_every: int = 100, top_k: int | None = None,
                  learned_fraction: float = 0.5, thresholds: list[float] = (1e-10,),
-                 rank_rtol: float = 1e-5, eps_rtol: float = 1e-3,
-                 callbacks: list | None = None):
+                 rank_rtol: float = 1e-7, eps_rtol: float = 1e-3,
+                 callbacks: list | None = None, checkpoint_every: int | None = None):
         self.max_steps, self.alpha, self.steps_per_call = max_steps, alpha, steps_per_call
         self.optim = OptimConfig.from_cfg(optim or {"name": "sgd", "lr": 1.0,
                                                     "schedule": "constant", "grad_clip": None})
@@ -196,6 +227,7 @@ class DeepLinearGDStage(Stage):
         self.learned_fraction, self.thresholds = learned_fraction, list(thresholds)
         self.rank_rtol, self.eps_rtol = rank_rtol, eps_rtol
         self.callbacks = list(callbacks or [])
+        self.checkpoint_every = checkpoint_every
 
     def check(self, model, ctx):
         plain_gd_lr(self.optim, self.name)
@@ -225,16 +257,18 @@ class DeepLinearGDStage(Stage):
         module = DeepLinearGD(model, ctx.adapter, ctx.data.task, self.layer_lrs(depth),
                               self.max_steps, self.steps_per_call, self.stop_loss, recorder)
         for cb in self.callbacks:
-            if hasattr(cb, "file_prefix"):
+            if hasattr(cb, "file_prefix") and not cb.file_prefix.startswith(f"{self.name}_"):
                 cb.file_prefix = f"{self.name}_{cb.file_prefix}"
-        trainer = ctx.trainer(callbacks=self.callbacks, max_epochs=-1, max_steps=-1,
-                              limit_val_batches=0, log_every_n_steps=1)
         model.train()
         with warnings.catch_warnings():  # no optimiser object is intended (plain GD steps)
             warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run")
-            trainer.fit(module, datamodule=ctx.data)
+            fit(self, module, ctx, callbacks=self.callbacks,
+                checkpoint_every=self.checkpoint_every, max_epochs=-1, max_steps=-1,
+                limit_val_batches=0, log_every_n_steps=1)
         model.eval()
-        (ctx.run_dir / f"{self.name}_trajectory.json").write_text(json.dumps(recorder.to_json()))
+        if is_main_process():
+            (ctx.run_dir / f"{self.name}_trajectory.json").write_text(
+                json.dumps(recorder.to_json()))
         ctx.log({f"{self.name}/time_s": time.perf_counter() - start,
                  **self.summary(module, ctx, depth)})
         return model
@@ -317,9 +351,15 @@ class SpectralInitStage(Stage):
             set_module(model, name, new)
             ctx.plan[name] = {"kind": "resized_linear", "in_features": weight.shape[1],
                               "out_features": weight.shape[0], "bias": False}
-        if hasattr(model, "dims"):
-            model.dims = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+        self.rebuild(model, ctx)
         ctx.log({f"{self.name}/width": width,
                  f"{self.name}/params_ratio": 1 - count_params(model) / dense,
                  f"{self.name}/model_params_ratio": 1 - count_params(model) / dense})
+        return model
+
+    def rebuild(self, model, ctx):
+        """The layer sizes ``dims`` follow the resized layers (also on resume)."""
+        if hasattr(model, "dims"):
+            layers = list(ctx.adapter.compressible_linears(model).values())
+            model.dims = [layers[0].in_features] + [lin.out_features for lin in layers]
         return model

@@ -16,6 +16,8 @@ from compresslab.stages.base import Stage
 class EvaluateStage(Stage):
     """``splits``: data splits to evaluate (``train`` | ``val`` | ``test``)."""
 
+    changes_model = False
+
     def __init__(self, splits: Sequence[str] = ("test",)):
         self.splits = list(splits)
 

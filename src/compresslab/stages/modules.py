@@ -8,12 +8,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from compresslab.errors import NumericalError
 from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.stages.optim import OptimConfig, build_optimizer
 from compresslab.tasks import Task
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NumericalError):
     """The training loss became NaN or Inf."""
 
 
@@ -68,8 +69,12 @@ class TrainModule(L.LightningModule):
         extras = self.extra_losses(batch)
         loss = task_loss + sum(extras.values()) if extras else task_loss
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"training loss is {value} at step {self.global_step}")
+        finite = math.isfinite(value)
+        if self.trainer.world_size > 1:  # every process stops, not only the one that saw it
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            where = value if not math.isfinite(value) else "NaN/Inf in another process"
+            raise NonFiniteLossError(f"training loss is {where} at step {self.global_step}")
         logs = {"train/loss": loss}
         if extras:
             logs["train/loss_task"] = task_loss
@@ -96,3 +101,9 @@ class TrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.optim, self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["compresslab"] = {"last_val": dict(self.last_val)}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.last_val = dict(checkpoint.get("compresslab", {}).get("last_val", {}))

@@ -33,12 +33,13 @@ from compresslab.compress.structured_pruning import (
     Criterion,
     LayerInputs,
     LayerScores,
+    align_kept,
     kept_channels,
     removed_channels,
     sliced_linear,
     standardized,
 )
-from compresslab.errors import ConfigError
+from compresslab.errors import ConfigError, NumericalError
 from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
@@ -135,14 +136,18 @@ class StructuredPruneStage(Stage):
     pruned model and a copy of the dense one take turns on the first ``latency_samples``
     calibration sequences (one batch), ``latency_repeats`` times each, fastest kept
     (``latency_repeats: 0``: not measured, no copy kept).
+    ``align_channels``: every MLP keeps a multiple of this many channels (the nearest to
+    the allocation; 1: as allocated), for faster matrix products (docs/bench.md).
     """
 
     def __init__(self, ratio: float, criterion: Criterion, allocator: Allocator,
                  compensator: Compensator | None = None, compensate: bool = True,
                  num_samples: int = 128,
                  seq_len: int | None = None, batch_size: int = 16, calib_seed: int = 0,
-                 latency_repeats: int = 10, latency_samples: int = 64):
+                 latency_repeats: int = 10, latency_samples: int = 64,
+                 align_channels: int = 1):
         self.ratio, self.criterion, self.allocator = ratio, criterion, allocator
+        self.align_channels = align_channels
         self.compensator = compensator if compensate else None
         self.num_samples, self.seq_len, self.batch_size = num_samples, seq_len, batch_size
         self.calib_seed, self.latency_repeats = calib_seed, latency_repeats
@@ -168,6 +173,11 @@ class StructuredPruneStage(Stage):
                               f"and MLP down linears with head counts; "
                               f"{type(ctx.adapter).__name__} does not provide them")
 
+    def check_data(self, ctx):
+        from compresslab.data.base import check_calibration_size
+
+        check_calibration_size(ctx.data, self.num_samples, "method.num_samples")
+
     # -- the two passes -----------------------------------------------------------------------
     def calibration(self, ctx: RunContext) -> list[torch.Tensor]:
         from compresslab.data.base import calibration_batches
@@ -183,12 +193,15 @@ class StructuredPruneStage(Stage):
         dense_params, dense_prunable = count_params(model), prunable_params(adapter, model)
         dense = copy.deepcopy(model) if self.latency_repeats else None
         layers = self._score(model, ctx, batches)
-        removal = self.allocator(layers, self.ratio)
+        removal = align_kept(layers, self.allocator(layers, self.ratio), self.align_channels)
         self._prune(model, ctx, batches, removal)
         pruned_prunable = prunable_params(adapter, model)
+        reports = {**self.criterion.report(),
+                   **(self.compensator.report() if self.compensator is not None else {})}
         ctx.log({f"{self.name}/params_ratio": 1 - pruned_prunable / dense_prunable,
                  f"{self.name}/model_params_ratio": 1 - count_params(model) / dense_params,
-                 **self._structure_counts(model, adapter)})
+                 **self._structure_counts(model, adapter),
+                 **{f"{self.name}/{k}": v for k, v in reports.items()}})
         if dense is not None:
             timed = torch.cat(batches)[:self.latency_samples]
             (wall_dense, cpu_dense), (wall, cpu) = forward_latency_ms(
@@ -207,11 +220,18 @@ class StructuredPruneStage(Stage):
         walk = BlockwiseCalibration(model, adapter, batches)
         for index, block in walk:
             layouts = {kind: make(adapter, block) for kind, make in LAYOUTS.items()}
+            # the score pass changes no block: its outputs feed the next block as they are
             inputs = walk.collect(block, {k: v["consumer"] for k, v in layouts.items()},
-                                  LayerInputs)
+                                  LayerInputs, keep_outputs=True)
             for kind, lay in layouts.items():
-                scores = self.criterion(lay["consumer"].weight.data, inputs[kind],
-                                        lay["group_size"]).float()
+                try:
+                    scores = self.criterion(lay["consumer"].weight.data, inputs[kind],
+                                            lay["group_size"]).float()
+                    if not bool(torch.isfinite(scores).all()):
+                        raise NumericalError("scores are not finite (NaN/Inf activations)")
+                except NumericalError as exc:
+                    raise NumericalError(f"stage {self.name}: scoring block {index} {kind}: "
+                                         f"{exc}") from None
                 if self.criterion.standardize:
                     scores = standardized(scores)
                 layers.append(LayerScores(index, kind, scores, params_per_structure(lay)))
@@ -227,8 +247,15 @@ class StructuredPruneStage(Stage):
                     continue
                 if self.compensator is not None:
                     inputs = walk.collect(block, {"c": lay["consumer"]}, LayerInputs)["c"]
-                    self.compensator(lay["consumer"], inputs,
-                                     removed_channels(lay["count"], lay["group_size"], removed))
+                    try:
+                        self.compensator(lay["consumer"], inputs, removed_channels(
+                            lay["count"], lay["group_size"], removed))
+                        if not all(bool(torch.isfinite(p).all())
+                                   for p in lay["consumer"].parameters()):
+                            raise NumericalError("compensated weights are not finite")
+                    except NumericalError as exc:
+                        raise NumericalError(f"stage {self.name}: compensating block {index} "
+                                             f"{kind}: {exc}") from None
                 names = {id(m): n for n, m in model.named_modules()}
                 ctx.plan.update(prune_structures(model, lay, removed, names))
                 kept = lay["count"] - len(removed)

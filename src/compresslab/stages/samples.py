@@ -16,6 +16,8 @@ from compresslab.stages.base import Stage
 class SampleQualityStage(Stage):
     """``per_class`` samples of every class drawn with ``seed``; the grid goes to ``png``."""
 
+    changes_model = False
+
     def __init__(self, per_class: int = 10, seed: int = 0, png: str = "samples.png"):
         self.per_class, self.seed, self.png = per_class, seed, png
 

@@ -34,13 +34,14 @@ from compresslab.compress.spectrum import (
     score_rule,
     select_components,
 )
+from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
 from compresslab.models.utils import set_module
 from compresslab.stages.base import RunContext
 from compresslab.stages.compress import LowRankStage
 from compresslab.stages.modules import TrainModule
 from compresslab.stages.optim import OptimConfig
-from compresslab.stages.train import TrainStage
+from compresslab.stages.train import TrainStage, fit
 
 
 def breakeven_rank(in_features: int, out_features: int) -> int:
@@ -188,7 +189,7 @@ def plot_gate_trajectories(steps, values, path: Path) -> Path:
 def log_wandb_images(logger, images: dict[str, Path]) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger) and is_main_process():
         import wandb
 
         logger.experiment.log({k: wandb.Image(str(p)) for k, p in images.items()})
@@ -263,12 +264,12 @@ class SpectrumStage(TrainStage):
             dense += n * m
         return float(budget), dense
 
-    def fit(self, module: TrainModule, ctx: RunContext, steps: int, callbacks: list) -> None:
-        trainer = ctx.trainer(callbacks=callbacks, max_steps=steps, max_epochs=-1,
-                              log_every_n_steps=self.log_every, limit_val_batches=0,
-                              gradient_clip_val=module.optim.grad_clip)
+    def fit(self, module: TrainModule, ctx: RunContext, steps: int, callbacks: list,
+            phase: str) -> None:
         module.model.train()
-        trainer.fit(module, datamodule=ctx.data)
+        fit(self, module, ctx, phase=phase, steps=steps, callbacks=callbacks, max_steps=steps,
+            max_epochs=-1, log_every_n_steps=self.log_every, limit_val_batches=0,
+            gradient_clip_val=module.optim.grad_clip)
         module.model.eval()
 
     def module(self, model, ctx, gated, budget, dense, optim, steps, search: bool):
@@ -286,7 +287,7 @@ class SpectrumStage(TrainStage):
         tracker = GateTrajectory(list(gated)[:self.track_matrices], self.track_every,
                                  self.name, Path(ctx.run_dir))
         self.fit(self.module(model, ctx, gated, budget, dense, self.optim, self.max_steps,
-                             search=True), ctx, self.max_steps, [tracker])
+                             search=True), ctx, self.max_steps, [tracker], "search")
 
     def sparsify(self, gated, budget) -> dict[str, torch.Tensor]:
         costs = {n: g.cost for n, g in gated.items()}
@@ -305,7 +306,8 @@ class SpectrumStage(TrainStage):
                 layer.first.weight.requires_grad_(True)
                 layer.second.weight.requires_grad_(True)
         self.fit(self.module(model, ctx, gated, budget, dense, self.finetune_optim,
-                             self.finetune_steps, search=False), ctx, self.finetune_steps, [])
+                             self.finetune_steps, search=False), ctx, self.finetune_steps, [],
+                 "finetune")
 
     def run(self, model, ctx):
         start = time.perf_counter()
@@ -343,6 +345,8 @@ class SpectrumStage(TrainStage):
                     grid[(b, role)] = ranks[name]
                     full[(b, role)] = min(lin.in_features, lin.out_features)
         out = Path(ctx.run_dir)
+        if not is_main_process():  # several processes (DDP): only the main one writes
+            return
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.name}_ranks.json").write_text(json.dumps(
             {"ranks": ranks, "shortlisted": shortlisted}, indent=1))
@@ -377,7 +381,7 @@ class FactorFinetuneStage(TrainStage):
             model.requires_grad_(False)
             for layer in low:
                 getattr(layer, self.FACTORS[factor]).weight.requires_grad_(True)
-            model = super().run(model, ctx)
+            model = super().run(model, ctx, phase=factor)
         model.requires_grad_(True)
         ctx.log({f"{self.name}/time_s": time.perf_counter() - start})
         return model

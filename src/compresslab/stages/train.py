@@ -3,14 +3,70 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
+import lightning as L
+import torch
 from torch import nn
 
 from compresslab.errors import ConfigError
 from compresslab.stages.base import RunContext, Stage
-from compresslab.stages.modules import TrainModule
+from compresslab.stages.modules import NonFiniteLossError, TrainModule
 from compresslab.stages.optim import OptimConfig
+
+
+def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str | None = None,
+        steps: int | None = None, callbacks: list | None = None,
+        val_every: int | None = None, checkpoint_every: int | None = None,
+        **trainer_kwargs) -> L.Trainer:
+    """``trainer.fit`` that checkpoints and resumes (see :mod:`compresslab.resume`).
+
+    ``checkpoints/<stage key>[/<phase>]/last.ckpt`` is written every ``checkpoint_every``
+    optimiser steps (default: the run's ``checkpoint_every``; 0/null: never) and, for a
+    ``phase`` of a stage with several fits, when the fit ends; if it exists when the fit
+    starts, training continues from it (loaded with ``torch.load(weights_only=True)``).
+    With ``steps`` (the fit's optimiser steps) the training data order is a function of
+    (seed, step) (:class:`~compresslab.data.base.StepSampler`); every step is seeded from
+    (seed, step). The seed is drawn from the global generator, which the pipeline seeds per
+    stage; afterwards the global generators are re-seeded from it, so what follows does not
+    depend on how this fit ran (or resumed).
+    A NaN/Inf loss stops the fit with the step and the last good checkpoint.
+    """
+    from compresslab.callbacks.checkpointing import StageCheckpoint, StepSeed
+    from compresslab.resume import checkpoint_dir, checkpoint_step, derive_seed
+
+    where = stage.name + (f"/{phase}" if phase else "")
+    key = (stage.key or stage.name) + (f"/{phase}" if phase else "")
+    folder = checkpoint_dir(ctx.run_dir, key)
+    last = folder / "last.ckpt"
+    resume_from = last if last.is_file() else None
+    every = checkpoint_every if checkpoint_every is not None else ctx.cfg.get("checkpoint_every")
+    seed = int(torch.randint(2**62, ()).item())
+    ckpt = StageCheckpoint(folder, int(every), val_every, save_on_end=phase is not None) \
+        if every else None
+    cbs = [StepSeed(seed), *(callbacks or []), *([ckpt] if ckpt else [])]
+    ctx.data.train_schedule = (seed, int(steps)) if steps else None
+    trainer = ctx.trainer(callbacks=cbs, enable_checkpointing=ckpt is not None, **trainer_kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty")
+            trainer.fit(module, datamodule=ctx.data, ckpt_path=resume_from, weights_only=True)
+    except NonFiniteLossError as exc:
+        if ckpt is not None and ckpt.good_step is not None:
+            good = f"{ckpt.last_model_path} (step {ckpt.good_step})"
+        elif resume_from is not None:
+            good = f"{resume_from} (step {checkpoint_step(resume_from)})"
+        elif ctx.last_saved:
+            good = f"{ctx.last_saved} (the model before stage {stage.name})"
+        else:
+            good = "none yet"
+        raise NonFiniteLossError(f"stage {where}: {exc}; last good checkpoint: {good}") from None
+    finally:
+        ctx.data.train_schedule = None
+    L.seed_everything(derive_seed(seed, "after fit"), verbose=False)
+    return trainer
 
 
 class TrainStage(Stage):
@@ -42,15 +98,15 @@ class TrainStage(Stage):
                     limit_val_batches=1.0 if self.val_every else 0,
                     gradient_clip_val=self.optim.grad_clip)
 
-    def run(self, model, ctx):
+    def run(self, model, ctx, phase: str | None = None):
         start = time.perf_counter()
         module = self.make_module(model, ctx)
         for cb in self.callbacks:
-            if hasattr(cb, "file_prefix"):
+            if hasattr(cb, "file_prefix") and not cb.file_prefix.startswith(f"{self.name}_"):
                 cb.file_prefix = f"{self.name}_{cb.file_prefix}"
-        trainer = ctx.trainer(callbacks=self.callbacks, **self.trainer_kwargs())
         model.train()
-        trainer.fit(module, datamodule=ctx.data)
+        trainer = fit(self, module, ctx, phase=phase, steps=self.max_steps,
+                      callbacks=self.callbacks, val_every=self.val_every, **self.trainer_kwargs())
         model.eval()
         ctx.log({f"{self.name}/time_s": time.perf_counter() - start,
                  f"{self.name}/steps": trainer.global_step,
