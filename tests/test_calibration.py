@@ -13,11 +13,17 @@ def _llama():
                      intermediate_size=48).build(DataSpec("text", vocab_size=40)).eval()
 
 
-def test_blockwise_walk_matches_full_forward_llama():
+def _llama_and_block_outputs():
+    """A tiny llama, its adapter, two batches and every block's output on each batch."""
     model = _llama()
     adapter = adapter_for(model)
     batches = [torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (3, 9))]
     _, expected = zip(*[adapter.logits_and_block_outputs(model, b) for b in batches])
+    return model, adapter, batches, expected
+
+
+def test_blockwise_walk_matches_full_forward_llama():
+    model, adapter, batches, expected = _llama_and_block_outputs()
     calib = BlockwiseCalibration(model, adapter, batches)
     for index, block in calib:
         got = calib.run_block(block)
@@ -83,10 +89,7 @@ def test_a_layer_the_block_never_calls_gets_an_empty_statistic():
 
 
 def test_kept_outputs_feed_the_next_block_like_a_fresh_run():
-    model = _llama()
-    adapter = adapter_for(model)
-    batches = [torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (3, 9))]
-    _, expected = zip(*[adapter.logits_and_block_outputs(model, b) for b in batches])
+    model, adapter, batches, expected = _llama_and_block_outputs()
     calib = BlockwiseCalibration(model, adapter, batches)
     for index, block in calib:   # collect with kept outputs; advance reuses them
         down = {"down": adapter.mlp_linears(block)["down"]}
