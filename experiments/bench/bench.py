@@ -92,7 +92,8 @@ class BenchModel:
         return torch.randn(size, s.channels, s.image_size, s.image_size, generator=g)
 
     def tokens(self, size: int) -> int:
-        """Rows a linear sees per forward pass (text: batch x sequence; image: batch)."""
+        """What a rate counts per forward pass of ``size`` samples: text tokens (batch x
+        sequence, also the rows each linear sees) or images."""
         return size * self.seq_len if self.text else size
 
     def describe(self) -> dict:

@@ -60,7 +60,8 @@ def mask_hessian(weight: torch.Tensor, gram: torch.Tensor, damping: float) -> to
     w = weight.double().T                       # D x D'
     hl = (w @ w.T) * gram.double()
     hl = hl / hl.diagonal().mean().clamp_min(1e-30)
-    return hl + damping * torch.eye(len(hl), dtype=hl.dtype)
+    hl.diagonal().add_(damping)                 # in place: no n x n identity and copy
+    return hl
 
 
 def numerical_mask(hl: torch.Tensor, keep: float, lam: float,
@@ -285,8 +286,8 @@ def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
     pruned input columns are zero. A singular ``G`` (``damping`` 0 with fewer tokens than
     inputs, dead channels) is repaired by
     :func:`~compresslab.compress.linalg.cholesky_with_repair` and counted in ``repairs``."""
-    g = 2 * gram.double()
-    g = g + damping * g.diagonal().mean().clamp_min(1e-30) * torch.eye(len(g), dtype=g.dtype)
+    g = 2 * gram.double()                                    # a new matrix: gram unchanged
+    g.diagonal().add_(damping * g.diagonal().mean().clamp_min(1e-30))  # no n x n identity
     w = weight.double().T                                    # D x D'
     ginv = spd_inverse(g, what="2 X^T X + gamma I", repairs=repairs)
     cols = ginv[:, pruned]                                   # G^{-1} M
