@@ -561,17 +561,19 @@ def cost_table(costs: list[dict]) -> str:
 
     header = ["model", "method (stage)", "threads", "wall s", "CPU s", "peak RSS GiB",
               "model GiB", "peak / model", "runtime RSS GiB", "(peak - runtime) / model",
-              "removed"]
+              "stage adds GiB", "removed"]
     body = []
     for c in costs:
         if "error" in c:
-            body.append([c["model"], c["method"], *["failed"] + ["-"] * 9])
+            body.append([c["model"], c["method"], *["failed"] + ["-"] * 10])
             continue
         peak, model, runtime = c["peak_rss_bytes"], c["model_bytes"], c["rss_start_bytes"]
         body.append([c["model"], f"{c['method']} ({c['stage']})", c["threads"],
                      f"{c['time_s']:.1f}", f"{c.get('cpu_s', float('nan')):.1f}",
                      f"{peak / GiB:.2f}", f"{model / GiB:.3g}", f"{peak / model:.2f}",
                      f"{runtime / GiB:.2f}", f"{(peak - runtime) / model:.2f}",
+                     f"{(peak - c['peak_rss_model_bytes']) / GiB:.2f}"
+                     if "peak_rss_model_bytes" in c else "-",
                      "-" if c["params_ratio"] is None else f"{c['params_ratio']:.3f}"])
     return markdown_table(header, body)
 
@@ -614,7 +616,8 @@ def render(results: dict, tables: Path) -> Path:
                      "stage's own latency timing off), random calibration tokens, and the "
                      "peak RSS (VmHWM) of a fresh process that built the fp32 model and ran "
                      "the stage: Python, torch and the model included; 'runtime' is the RSS "
-                     "before the model was built. Measurements run "
+                     "before the model was built, 'stage adds' the peak above the peak "
+                     "after building the model. Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))
     tables.mkdir(parents=True, exist_ok=True)
@@ -729,8 +732,9 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=1, default=str))
 
-    results["env"] = {**environment(args.threads, args.repeats, devices),
-                      "cost_jobs": args.cost_jobs}
+    env = {**environment(args.threads, args.repeats, devices), "cost_jobs": args.cost_jobs}
+    if parts - {"big"}:
+        results["env"] = env
     results["models"] = {**results.get("models", {}),
                          **{n: models[n].describe() for n in chosen}}
     if "speed" in parts or "rounding" in parts:
@@ -761,7 +765,8 @@ def main() -> None:
         results["cost"] = run_costs(jobs, args.threads, args.cost_jobs, log)
         save()
     if "big" in parts:
-        results["big"] = [run_cost("llama_1b", "svd_llm", args.threads, log, timeout=4 * 3600)]
+        results["big"] = [{**run_cost("llama_1b", "svd_llm", args.threads, log,
+                                      timeout=4 * 3600), "date": env["date"]}]
         save()
     path = render(results, Path(args.tables))
     log(f"wrote {json_path} and {path}")
