@@ -138,3 +138,19 @@ def test_shared_svd_equals_plain_svd_at_every_rank():
         got = shared(w, rank, "w")
         want = PlainSVD()(w, rank, "w")
         torch.testing.assert_close(got[0] @ got[1], want[0] @ want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_tiny", "vit_tiny"])
+def test_bench_builds_every_compressed_form_of_each_model(name):
+    bench = _bench_module()
+    bm = bench.bench_models()[name]
+    forms = bench.variants(bm, bm.build(), (8, 0.015), lambda msg: None)
+    pruned = [n for n in forms if n.startswith("pruned")]
+    assert len(pruned) == 2 * len(bench.PRUNE_RATIOS)
+    batch = bm.batch(2)
+    for form, (model, info) in forms.items():
+        assert model(batch) is not None, form
+        if form.startswith("pruned"):
+            assert abs(info["achieved_ratio"] - info["target_ratio"]) < 0.01, form
+        if form.endswith("align_channels=8"):
+            assert all(c % 8 == 0 for c in info["mlp_channels"]), form

@@ -22,7 +22,7 @@ from compresslab.compress.structured_pruning import (
     obs_update,
 )
 from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama
+from compresslab.models.sources import DataSpec, TinyLlama, TinyViT
 from compresslab.stages.base import RunContext
 from compresslab.stages.prune import (
     LAYOUTS,
@@ -30,7 +30,7 @@ from compresslab.stages.prune import (
     params_per_structure,
     prunable_params,
 )
-from conftest import TINY_LLAMA, compose_cfg, read_metrics
+from conftest import TINY_LLAMA, TINY_VIT, compose_cfg, read_metrics
 
 VOCAB = 50
 SOURCE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40)
@@ -227,17 +227,25 @@ def test_compensation_lowers_block_error(tmp_path):
 
 def test_bad_settings_fail_before_work(tmp_path):
     from compresslab.errors import ConfigError
-    from compresslab.models.sources import TinyViT
 
     model = _model()
     ctx = _ctx(model, tmp_path)
     with pytest.raises(ConfigError, match="ratio must lie strictly between 0 and 1"):
         _stage(MagnitudeScore(), ratio=1.2).check(model, ctx)
-    vit = TinyViT(embed_dim=32, depth=1).build(DataSpec("image", num_classes=10, image_size=8,
-                                                        channels=1))
-    vctx = RunContext(cfg=ctx.cfg, run_dir=tmp_path, adapter=adapter_for(vit), data=ctx.data)
-    with pytest.raises(ConfigError, match="needs separate q/k/v/o"):
-        _stage(MagnitudeScore()).check(vit, vctx)
+    vit = _vit()
+    vctx = _vit_ctx(vit, tmp_path)
+    _stage(MagnitudeScore()).check(vit, vctx)       # fused qkv: described by the adapter
+    with pytest.raises(ConfigError, match="seq_len crops text sequences"):
+        stage = _stage(MagnitudeScore())
+        stage.seq_len = 4
+        stage.check(vit, vctx)
+    # a norm over all heads' outputs would need slicing too: not described, refused
+    from timm.models.vision_transformer import VisionTransformer
+
+    normed = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10,
+                               embed_dim=32, depth=1, num_heads=4, scale_attn_norm=True)
+    with pytest.raises(ConfigError, match="needs q/k/v/o projections"):
+        _stage(MagnitudeScore()).check(normed, vctx)
 
 
 def test_run_numerical_pruning_end_to_end(shared_root, tmp_path):
@@ -269,3 +277,115 @@ def test_align_kept_moves_mlp_widths_to_the_nearest_multiple():
     # 3 kept -> at least 8; 1: unchanged
     assert len(align_kept([mlp], {(0, "mlp"): list(range(17))}, 8)[(0, "mlp")]) == 12
     assert align_kept([mlp], {(0, "mlp"): [4]}, 1) == {(0, "mlp"): [4]}
+
+
+# -- the stage on a timm ViT (fused qkv) --------------------------------------------------------
+
+VIT_SOURCE = dict(embed_dim=32, depth=2, num_heads=4)
+VIT_SPEC = dict(modality="image", num_classes=10, image_size=8, channels=1)
+
+
+def _vit():
+    torch.manual_seed(0)
+    return TinyViT(**VIT_SOURCE).build(DataSpec(**VIT_SPEC)).eval()
+
+
+def _vit_ctx(model, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(24, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 10, (24,), generator=gen)
+    return RunContext(cfg=OmegaConf.create({}), run_dir=tmp_path, adapter=adapter_for(model),
+                      data=_Data(torch.utils.data.TensorDataset(images, labels)))
+
+
+def _vit_images(n=3):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _check_vit_heads(model):
+    for block in model.blocks:
+        a = block.attn
+        assert a.num_heads == a.qkv.out_features // (3 * a.head_dim)
+        assert a.attn_dim == a.num_heads * a.head_dim == a.proj.in_features
+
+
+def test_vit_magnitude_pruning_reaches_ratio_and_sets_heads(tmp_path):
+    model = _vit()
+    ctx = _vit_ctx(model, tmp_path)
+    dense_prunable = prunable_params(ctx.adapter, model)
+    pruned = _stage(MagnitudeScore(), allocator=UniformAllocation()).run(model, ctx)
+    _check_vit_heads(pruned)
+    assert all(b.attn.num_heads == 3 for b in pruned.blocks)     # round(0.3 * 4) removed
+    removed = dense_prunable - prunable_params(ctx.adapter, pruned)
+    assert ctx.metrics["prune/params_ratio"] == pytest.approx(removed / dense_prunable)
+    assert ctx.metrics["prune/params_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert ctx.metrics["prune/heads_layer0"] == 3
+    logits = ctx.adapter.logits(pruned, _vit_images())
+    assert logits.shape == (3, 10) and bool(torch.isfinite(logits).all())
+    assert {n for n in ctx.plan if ".attn." in n} == {f"blocks.{i}.attn.{p}" for i in (0, 1)
+                                                      for p in ("qkv", "proj")}
+
+
+def test_vit_pruning_removes_exactly_the_zeroed_heads_and_channels(tmp_path):
+    """Heads/channels whose consumer columns are zero score lowest (magnitude) and are
+    removed; the pruned model equals the dense one and keeps exactly the expected q/k/v rows
+    of the fused qkv (row offsets right to the last index)."""
+    dense = _vit()
+    heads = {0: [1, 3], 1: [0, 3]}                  # head 3: the last rows of each part
+    hd, width = 8, 32
+    for i, block in enumerate(dense.blocks):
+        for h in heads[i]:
+            block.attn.proj.weight.data[:, h * hd:(h + 1) * hd] = 0
+        block.mlp.fc2.weight.data[:, 40:] = 0       # 88 of 128 channels: more than removed
+    model = _vit()
+    model.load_state_dict(dense.state_dict())
+    ctx = _vit_ctx(model, tmp_path)
+    pruned = _stage(MagnitudeScore(), ratio=0.5, allocator=UniformAllocation()).run(model, ctx)
+    _check_vit_heads(pruned)
+    for i, (bp, bd) in enumerate(zip(pruned.blocks, dense.blocks)):
+        kept = [h for h in range(4) if h not in heads[i]]
+        rows = [part * width + h * hd + j for part in range(3) for h in kept for j in range(hd)]
+        assert torch.equal(bp.attn.qkv.weight, bd.attn.qkv.weight[rows])
+        assert torch.equal(bp.attn.qkv.bias, bd.attn.qkv.bias[rows])
+        assert 40 <= bp.mlp.fc1.out_features < 128
+        assert torch.equal(bp.mlp.fc1.weight[:40], bd.mlp.fc1.weight[:40])
+    images = _vit_images()
+    torch.testing.assert_close(ctx.adapter.logits(pruned, images),
+                               ctx.adapter.logits(dense, images), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_pruned_model_reloads_from_its_plan(tmp_path):
+    model = _vit()
+    ctx = _vit_ctx(model, tmp_path)
+    pruned = _stage(NumericalScore(0.3), compensate=True).run(model, ctx)
+    proj = [e for n, e in ctx.plan.items() if n.endswith("attn.proj")]
+    assert all(e["heads"] == e["kv_heads"] == e["in_features"] // 8 for e in proj)
+    plan = {"model": {"source": {"_target_": "compresslab.models.sources.TinyViT",
+                                 **VIT_SOURCE}},
+            "data_spec": VIT_SPEC, "layers": ctx.plan}
+    save_compressed(pruned, tmp_path / "compressed", plan)
+    loaded = load_compressed(tmp_path / "compressed")
+    _check_vit_heads(loaded)
+    assert [b.attn.num_heads for b in loaded.blocks] == [b.attn.num_heads for b in pruned.blocks]
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == \
+        {k: v.shape for k, v in pruned.state_dict().items()}
+    images = _vit_images()
+    torch.testing.assert_close(ctx.adapter.logits(loaded, images),
+                               ctx.adapter.logits(pruned, images), rtol=0, atol=0)
+
+
+def test_run_numerical_pruning_on_vit_end_to_end(shared_root, tmp_path):
+    from compresslab.pipeline import run
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*TINY_VIT, "method=numerical_pruning", "method.ratio=0.3",
+                       "method.num_samples=32", "method.stages.prune.latency_repeats=1",
+                       "method.stages.prune.latency_samples=16"], shared_root, run_dir)
+    metrics = run(cfg)
+    assert metrics["params/compressed"] < metrics["params/dense"]
+    assert 0.25 < metrics["prune/params_ratio"] <= 0.3
+    assert "test/acc" in metrics and "prune/latency_ms" in metrics
+    loaded = load_compressed(run_dir / "compressed")
+    assert sum(p.numel() for p in loaded.parameters()) == metrics["params/compressed"]
+    assert all(bool(torch.isfinite(p).all()) for p in loaded.parameters())
+    _check_vit_heads(loaded)

@@ -102,3 +102,15 @@ def test_same_config_and_seed_give_identical_metrics(shared_root, tmp_path):
     assert reproducible_metrics(runs[0]) == reproducible_metrics(runs[1])
     assert reproducible_metrics(read_metrics(tmp_path / "a")) == \
         reproducible_metrics(read_metrics(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("method", ["svd_llm", "asvd"])
+def test_calibrated_svd_methods_run_on_vit(method, shared_root, tmp_path):
+    # image datasets serve (images, labels): calibration must feed the model the images
+    from compresslab.pipeline import run
+
+    cfg = compose_cfg([*TINY_VIT, f"method={method}", "method.ratio=0.4",
+                       "method.calibration.num_samples=16"], shared_root, tmp_path / "run")
+    metrics = run(cfg)
+    assert abs(metrics["compress/params_ratio"] - 0.4) <= 0.01
+    assert 0 <= metrics["test/acc"] <= 1

@@ -146,18 +146,22 @@ def big_model() -> BenchModel:
 
 # -- a run context without a run -----------------------------------------------------------------
 
-class RandomTokens:
-    """Stands in for a datamodule: ``samples`` random sequences as the train split (the
-    stages draw their calibration batches from it)."""
+class RandomInputs:
+    """Stands in for a datamodule: ``samples`` random inputs of ``bm`` (token sequences, or
+    (image, label) pairs) as the train split (the stages draw their calibration batches
+    from it)."""
 
     def __init__(self, bm: BenchModel, samples: int, seed: int = 0):
-        from compresslab.tasks import LanguageModelingTask
+        from compresslab.tasks import ClassificationTask, LanguageModelingTask
 
-        g = torch.Generator().manual_seed(seed)
-        self.items = [torch.randint(0, bm.spec.vocab_size, (bm.seq_len,), generator=g)
-                      for _ in range(samples)]
-        self.block_size = bm.seq_len
-        self.task = LanguageModelingTask()
+        inputs = bm.batch(samples, seed)
+        if bm.text:
+            self.items = list(inputs)
+            self.block_size = bm.seq_len
+            self.task = LanguageModelingTask()
+        else:
+            self.items = [(x, 0) for x in inputs]
+            self.task = ClassificationTask()
 
     def split(self, name: str):
         return self.items
@@ -172,7 +176,7 @@ def context(model: nn.Module, bm: BenchModel, samples: int = 8):
     from compresslab.models.adapters import adapter_for
     from compresslab.stages.base import RunContext
 
-    data = RandomTokens(bm, samples) if bm.text else None
+    data = RandomInputs(bm, samples)
     return RunContext(cfg=OmegaConf.create({"progress": False}), run_dir=None,
                       adapter=adapter_for(model), data=data)
 
@@ -288,10 +292,10 @@ def variants(bm: BenchModel, dense: nn.Module, rounding: tuple[int, float | None
         log(f"  built lowrank r{r} ({time.perf_counter() - start:.1f} s)")
     out[rounding_name(*rounding)] = lowrank(dense, bm, svd, ROUNDING_RATIO, *rounding)
     del svd
-    if bm.text:  # the ViT adapter names no attention heads: structured pruning needs them
-        for r in PRUNE_RATIOS:
-            out[f"pruned {r}"] = pruned(dense, bm, r)
-        out[f"pruned {PRUNE_RATIOS[0]} align_channels=8"] = pruned(dense, bm, PRUNE_RATIOS[0], 8)
+    for r in PRUNE_RATIOS:
+        out[f"pruned {r}"] = pruned(dense, bm, r)
+    for r in PRUNE_RATIOS:  # the same with MLP widths that are multiples of 8
+        out[f"pruned {r} align_channels=8"] = pruned(dense, bm, r, 8)
     for which in ("lora", "soka"):
         out[f"merged {which}"] = merged(dense, bm, which)
     log(f"  built {len(out) - 1} compressed forms")

@@ -34,9 +34,21 @@ PLAN_FORMAT = "compresslab-plan/1"
 PLAN_APPLIERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
 
 
+#: kind -> function(model, module name, entry), run once every entry is applied: restores
+#: what the new shapes imply outside the module itself (e.g. an attention's head count)
+PLAN_FINISHERS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {}
+
+
 def plan_applier(kind: str):
     def wrap(fn):
         PLAN_APPLIERS[kind] = fn
+        return fn
+    return wrap
+
+
+def plan_finisher(kind: str):
+    def wrap(fn):
+        PLAN_FINISHERS[kind] = fn
         return fn
     return wrap
 
@@ -77,6 +89,14 @@ def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module
             raise ConfigError(f"plan entry {name} (kind {kind!r}) cannot be applied: "
                               f"{reason}") from None
         set_module(model, name, replacement)
+    for name, entry in layers.items():
+        finish = PLAN_FINISHERS.get(entry["kind"])
+        if finish is not None:
+            try:
+                finish(model, name, entry)
+            except KeyError as exc:
+                raise ConfigError(f"plan entry {name} (kind {entry['kind']!r}) lacks "
+                                  f"{exc}") from None
     return model
 
 

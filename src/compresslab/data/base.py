@@ -169,10 +169,12 @@ def check_calibration_size(data: TaskDataModule, num_samples: int, what: str = "
 
 def calibration_batches(data: TaskDataModule, num_samples: int, batch_size: int,
                         seed: int = 0) -> list:
-    """``num_samples`` training examples drawn with a fixed seed, in batches.
+    """``num_samples`` training examples drawn with a fixed seed, in batches of model
+    inputs (labels dropped: calibration only runs the model).
 
-    Text datasets serve blocks of their ``block_size`` tokens. The choice does not
-    depend on the run seed, so every method sees the same calibration data.
+    Text datasets serve blocks of their ``block_size`` tokens, image datasets their
+    images. The choice does not depend on the run seed, so every method sees the same
+    calibration data.
     """
     check_calibration_size(data, num_samples)
     train = data.split("train")
@@ -180,4 +182,4 @@ def calibration_batches(data: TaskDataModule, num_samples: int, batch_size: int,
     picked = order[:num_samples].tolist()
     loader = DataLoader(torch.utils.data.Subset(train, picked), batch_size=batch_size,
                         shuffle=False)
-    return list(loader)
+    return [b[0] if isinstance(b, list | tuple) else b for b in loader]

@@ -41,6 +41,18 @@ class ArchitectureAdapter:
         attention as it is now (after structured pruning too)."""
         raise NotImplementedError(f"{type(self).__name__} does not describe attention heads")
 
+    def attention_projections(self, block: nn.Module) -> dict[str, tuple[nn.Linear, int]]:
+        """Role (q, k, v, o) -> ``(linear, first output row of the role in it)``.
+
+        Separate projections start at row 0; a fused qkv linear is named for each of q, k
+        and v with the offset of that part's rows (structured pruning slices it once)."""
+        return {role: (lin, 0) for role, lin in self.attention_linears(block).items()}
+
+    def set_attention_heads(self, block: nn.Module, kv_heads: int, heads: int) -> None:
+        """Tell the block's attention its head counts after structured pruning removed
+        heads (and when a pruned model is rebuilt from its plan). Default: nothing, for
+        attention that infers them from its weights' shapes (HF reshapes with -1)."""
+
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs)
 
@@ -104,6 +116,28 @@ class TimmViTAdapter(ArchitectureAdapter):
 
     def mlp_linears(self, block):
         return {"up": block.mlp.fc1, "down": block.mlp.fc2}
+
+    def attention_groups(self, block):
+        a = block.attn
+        # an output norm or gate over all heads would need slicing too: not described
+        if not isinstance(getattr(a, "norm", nn.Identity()), nn.Identity) \
+                or getattr(a, "gate", None) is not None:
+            raise NotImplementedError("timm attention with scale_norm or a gate: heads are "
+                                      "not described")
+        return a.qkv.out_features // (3 * a.head_dim), 1, a.head_dim
+
+    def attention_projections(self, block):
+        # qkv rows: [q heads | k heads | v heads], each part heads x head_dim, head-major
+        a = block.attn
+        width = a.qkv.out_features // 3
+        return {"q": (a.qkv, 0), "k": (a.qkv, width), "v": (a.qkv, 2 * width),
+                "o": (a.proj, 0)}
+
+    def set_attention_heads(self, block, kv_heads, heads):
+        # timm's Attention.forward reshapes by num_heads and attn_dim; head_dim stays
+        a = block.attn
+        a.num_heads = heads
+        a.attn_dim = heads * a.head_dim
 
 
 class DeepLinearAdapter(ArchitectureAdapter):

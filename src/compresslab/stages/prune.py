@@ -13,6 +13,10 @@ Two block-by-block passes over the calibration samples:
 Grouped-query attention: a structure is a whole key/value group (the k/v head
 and the query heads sharing it), so every block keeps the model's query heads
 per key/value head and HF's attention needs no per-layer attribute change.
+Fused projections (timm ViT's qkv): the adapter names the fused linear for each of
+q, k and v with the offset of that part's rows; it is sliced once, keeping the kept
+rows of every part, and :meth:`~ArchitectureAdapter.set_attention_heads` tells the
+attention its new head count (also when the model is rebuilt from its plan).
 Every layer keeps at least one group and one channel.
 """
 
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresslab.checkpoints import plan_applier
+from compresslab.checkpoints import plan_applier, plan_finisher
 from compresslab.compress.calibration import BlockwiseCalibration
 from compresslab.compress.structured_pruning import (
     Allocator,
@@ -40,7 +44,7 @@ from compresslab.compress.structured_pruning import (
     standardized,
 )
 from compresslab.errors import ConfigError, NumericalError
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.adapters import ArchitectureAdapter, adapter_for
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
 
@@ -54,22 +58,38 @@ def _apply_pruned_linear(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
                      dtype=module.weight.dtype)
 
 
+@plan_finisher("pruned_linear")
+def _restore_attention_heads(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+    """The attention whose output projection is ``name`` gets its pruned head counts."""
+    if "heads" not in entry:
+        return
+    adapter, consumer = adapter_for(model), model.get_submodule(name)
+    for block in adapter.blocks(model):
+        if adapter.attention_projections(block).get("o", (None,))[0] is consumer:
+            adapter.set_attention_heads(block, entry["kv_heads"], entry["heads"])
+            return
+
+
 # -- what a structure is, per block ----------------------------------------------------------
 
 def attention_layout(adapter: ArchitectureAdapter, block: nn.Module) -> dict[str, Any]:
-    """Groups of the block's attention: rows per group of q/k/v, columns per group of o."""
+    """Groups of the block's attention: rows per group of q/k/v (producers: ``(linear,
+    rows per group, first row of the part)``, a fused qkv named thrice), columns per
+    group of o."""
     groups, per_group, head_dim = adapter.attention_groups(block)
-    lin = adapter.attention_linears(block)
+    parts = adapter.attention_projections(block)
     rows = {"q": per_group * head_dim, "k": head_dim, "v": head_dim}
     return {"count": groups, "group_size": per_group * head_dim, "heads_per_group": per_group,
-            "producers": {r: (lin[r], n) for r, n in rows.items()}, "consumer": lin["o"]}
+            "producers": {r: (parts[r][0], n, parts[r][1]) for r, n in rows.items()},
+            "consumer": parts["o"][0]}
 
 
 def mlp_layout(adapter: ArchitectureAdapter, block: nn.Module) -> dict[str, Any]:
     lin = adapter.mlp_linears(block)
     down = lin["down"]
     return {"count": down.in_features, "group_size": 1,
-            "producers": {r: (m, 1) for r, m in lin.items() if r != "down"}, "consumer": down}
+            "producers": {r: (m, 1, 0) for r, m in lin.items() if r != "down"},
+            "consumer": down}
 
 
 LAYOUTS = {"attention": attention_layout, "mlp": mlp_layout}
@@ -77,7 +97,7 @@ LAYOUTS = {"attention": attention_layout, "mlp": mlp_layout}
 
 def params_per_structure(layout: dict[str, Any]) -> int:
     produced = sum(n * (m.in_features + (m.bias is not None))
-                   for m, n in layout["producers"].values())
+                   for m, n, _ in layout["producers"].values())
     return produced + layout["group_size"] * layout["consumer"].out_features
 
 
@@ -89,12 +109,19 @@ def prunable_params(adapter: ArchitectureAdapter, model: nn.Module) -> int:
 
 def prune_structures(model: nn.Module, layout: dict[str, Any], removed: list[int],
                      names: dict[int, str]) -> dict[str, dict[str, Any]]:
-    """Physically delete ``removed`` structures; returns the plan entries."""
+    """Physically delete ``removed`` structures; returns the plan entries.
+
+    A producer linear named by several parts (fused qkv) is sliced once: it keeps every
+    row except the removed structures' rows of each part (rows of no part stay)."""
     entries = {}
     count, size = layout["count"], layout["group_size"]
-    for linear, rows_each in layout["producers"].values():
-        keep = kept_channels(count, rows_each, removed)
-        entries[names[id(linear)]] = sliced_linear(linear, rows=keep)
+    keep_rows: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
+    for linear, rows_each, offset in layout["producers"].values():
+        mask = keep_rows.setdefault(
+            id(linear), (linear, torch.ones(linear.out_features, dtype=torch.bool)))[1]
+        mask[removed_channels(count, rows_each, removed) + offset] = False
+    for linear, mask in keep_rows.values():
+        entries[names[id(linear)]] = sliced_linear(linear, rows=mask.nonzero().flatten())
     consumer = layout["consumer"]
     entries[names[id(consumer)]] = sliced_linear(consumer, cols=kept_channels(count, size,
                                                                               removed))
@@ -132,7 +159,7 @@ class StructuredPruneStage(Stage):
     (null, or ``compensate=false``: none) updates o_proj/down_proj before their rows
     are deleted.
     Calibration: ``num_samples`` training sequences (cropped to ``seq_len`` tokens
-    when set) in batches of ``batch_size``, drawn with ``calib_seed``. Latency: the
+    when set) or images in batches of ``batch_size``, drawn with ``calib_seed``. Latency: the
     pruned model and a copy of the dense one take turns on the first ``latency_samples``
     calibration sequences (one batch), ``latency_repeats`` times each, fastest kept
     (``latency_repeats: 0``: not measured, no copy kept).
@@ -162,16 +189,21 @@ class StructuredPruneStage(Stage):
                 raise ConfigError(f"stage {self.name}: {key} must be at least 1")
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"stage {self.name}: seq_len must be at least 2 (or null)")
+        if self.seq_len is not None and ctx.adapter.modality != "text":
+            raise ConfigError(f"stage {self.name}: seq_len crops text sequences; set it to "
+                              f"null for {ctx.adapter.modality} models")
         block = ctx.adapter.blocks(model)[0]
-        roles = set(ctx.adapter.attention_linears(block)) | set(ctx.adapter.mlp_linears(block))
+        roles = (set(ctx.adapter.attention_projections(block))
+                 | set(ctx.adapter.mlp_linears(block)))
         try:
             ctx.adapter.attention_groups(block)
         except NotImplementedError:
             roles = set()
         if not set(ATTENTION_ROLES) | {"down"} <= roles:
-            raise ConfigError(f"stage {self.name}: structured pruning needs separate q/k/v/o "
-                              f"and MLP down linears with head counts; "
-                              f"{type(ctx.adapter).__name__} does not provide them")
+            raise ConfigError(f"stage {self.name}: structured pruning needs q/k/v/o "
+                              f"projections (separate or fused) with head counts and an MLP "
+                              f"down linear; {type(ctx.adapter).__name__} does not provide "
+                              f"them")
 
     def check_data(self, ctx):
         from compresslab.data.base import check_calibration_size
@@ -259,6 +291,8 @@ class StructuredPruneStage(Stage):
                 names = {id(m): n for n, m in model.named_modules()}
                 ctx.plan.update(prune_structures(model, lay, removed, names))
                 kept = lay["count"] - len(removed)
+                if kind == "attention":
+                    adapter.set_attention_heads(block, kept, kept * lay["heads_per_group"])
                 ctx.plan[names[id(lay["consumer"])]].update(
                     {"kv_heads": kept, "heads": kept * lay["heads_per_group"]}
                     if kind == "attention" else {"channels": kept})
