@@ -145,7 +145,7 @@ TABLE = {
                      "dataset.datamodule.batch_size must be a positive integer"),
     "unknown eval split": (["eval.splits=[dev]"], 2, "eval.splits: unknown split(s) dev"),
     "GPU trainer without GPU": (["trainer=gpu"], 2, "torch finds no GPU here"),
-    "FSDP trainer": (["trainer=fsdp"], 2, "trainer=fsdp is not supported yet"),
+    "FSDP trainer without GPU": (["trainer=fsdp"], 2, "torch finds no GPU here"),
     "model/dataset mismatch": (["model=vit_tiny", "dataset=pycode"], 2,
                                "model=vit_tiny (image) cannot run on dataset=pycode (text)"),
     "matrix rank too large": (["model=dln", "dataset=matrix_factorization", "method=none",
@@ -243,7 +243,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("case", list(TABLE))
 def test_bad_input_table(case, run_py, files, shared_root, tmp_path, monkeypatch):
     args, code, phrase = TABLE[case]
-    if case == "GPU trainer without GPU" and torch.cuda.is_available():
+    if case in ("GPU trainer without GPU", "FSDP trainer without GPU") \
+            and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     if case == "unreadable data file":  # (root reads any file: pretend the mode says no)
         real_access = os.access

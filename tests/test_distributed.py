@@ -1,5 +1,6 @@
-"""Several processes for one run: DDP on CPU (gloo) gives the one-process numbers, only the
-main process writes, evaluation counts every example once, and the GPU/SLURM configs
+"""Several processes for one run: DDP and FSDP on CPU (gloo) give the one-process numbers,
+FSDP's sharded model is gathered back whole after each Lightning call, only the main
+process writes, evaluation counts every example once, and the GPU/SLURM configs
 compose into what Lightning and SLURM expect.
 
 Fair comparison: DDP splits every step's batch between the processes (rank r takes the
@@ -144,6 +145,76 @@ def test_multirun_job_pins_the_relaunch_command_to_itself(tmp_path, monkeypatch)
         HydraConfig.instance().cfg = None
 
 
+# -- FSDP: shard, then gather back whole ----------------------------------------------------
+
+def _shard_gather_worker(rank: int, world: int, port: int) -> None:
+    """One process of the round trip: a tiny LLaMA (tied embeddings, a frozen weight, a
+    vocabulary that does not split evenly) sharded, trained one step (gradients on the
+    shards), gathered; then sharded and gathered again (the next stage)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compresslab import sharding
+    from compresslab.models.adapters import adapter_for
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+        model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        classes = {n: type(m) for n, m in model.named_modules()}
+        modules = dict(model.named_modules())
+        attributes = {n: set(m.__dict__) for n, m in model.named_modules()}
+        x = torch.randint(0, 37, (2, 5))
+        out = model(x).logits.detach()
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+        for _ in range(2):
+            sharding.shard(model, adapter_for(model), mesh["data_parallel"])
+            assert sharding.is_sharded(model)
+            assert type(model.model.layers[0]).__name__ == "FSDPLlamaDecoderLayer"
+            assert model.model.embed_tokens.weight.to_local().shape[0] < 37
+            model(x).logits.sum().backward()
+            assert sharding.gather(model) is model
+            assert not sharding.is_sharded(model)
+            assert {n: type(m) for n, m in model.named_modules()} == classes
+            assert all(m is modules[n] for n, m in model.named_modules())  # same objects
+            after = model.state_dict()
+            assert after.keys() == before.keys()
+            assert all(torch.equal(after[k], before[k]) for k in before), rank
+            assert not any(isinstance(t, DTensor) for t in (*model.parameters(),
+                                                            *model.buffers()))
+            assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+            assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
+            assert model.model.layers[1].mlp.up_proj.weight.requires_grad
+            assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+            for n, m in model.named_modules():  # no FSDP hooks, state or flags left
+                assert not (m._forward_hooks or m._forward_pre_hooks or m._state_dict_pre_hooks
+                            or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks)
+                assert set(m.__dict__) == attributes[n], (n, set(m.__dict__) ^ attributes[n])
+            assert torch.equal(model(x).logits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_then_gather_gives_back_the_same_plain_model():
+    """:func:`compresslab.sharding.gather` undoes :func:`shard` exactly, in place, over a
+    2-process gloo group (CPU)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_shard_gather_worker, args=(2, port), nprocs=2)
+
+
 # -- configs for GPU clusters ---------------------------------------------------------------
 
 def _compose(overrides: list[str], hydra: bool = False):
@@ -155,8 +226,7 @@ def _compose(overrides: list[str], hydra: bool = False):
 
 def test_trainer_configs_build_their_strategies():
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     ddp_cpu = _compose(["trainer=ddp_cpu"]).trainer
     strategy = instantiate(ddp_cpu.strategy)
@@ -166,8 +236,16 @@ def test_trainer_configs_build_their_strategies():
     assert (ddp.accelerator, ddp.strategy, ddp.devices, ddp.num_nodes) == ("gpu", "ddp", 8, 4)
     fsdp = _compose(["trainer=fsdp"]).trainer
     strategy = instantiate(fsdp.strategy)
-    assert isinstance(strategy, FSDPStrategy) and fsdp.accelerator == "gpu"
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    # FSDP2 through Lightning: pure data parallelism over every process, full checkpoints
+    assert isinstance(strategy, ModelParallelStrategy) and fsdp.accelerator == "gpu"
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == ("all", 1)
+    assert strategy._save_distributed_checkpoint is False and fsdp.precision == "bf16-mixed"
+    fsdp_cpu = _compose(["trainer=fsdp_cpu"]).trainer
+    strategy = instantiate(fsdp_cpu.strategy)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._process_group_backend == "gloo" and strategy._save_distributed_checkpoint \
+        is False and (fsdp_cpu.accelerator, fsdp_cpu.devices, fsdp_cpu.precision) == \
+        ("cpu", 2, "32-true")
 
 
 def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path):
@@ -244,6 +322,30 @@ def test_ddp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
     unkeyed = lambda files: {re.sub(r"-[0-9a-f]{12}", "-KEY", f) for f in files}  # batch: key
     assert unkeyed(_files(two / "base")) == unkeyed(_files(one / "base"))
     assert len(list((two / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_fsdp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
+    """trainer=fsdp_cpu (FSDP2, 2 processes): every trained stage and evaluation runs on
+    the sharded model, which is gathered back whole between them; the numbers are those
+    of one process (same batches, as under DDP), and only rank 0 writes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = _run([*PELA_LLAMA, "trainer=cpu", f"paths.root={one}",
+                   f"hydra.run.dir={one}/run"], env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run([*PELA_LLAMA, "trainer=fsdp_cpu", "dataset.datamodule.batch_size=8",
+                   f"paths.root={two}", f"hydra.run.dir={two}/run"],
+                  env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = read_metrics(one / "run"), read_metrics(two / "run")
+    compared = [k for k in a if (k.startswith(("test/", "dense/", "base/", "after_", "params/"))
+                                 or k.endswith("/steps") or "/val_" in k) and "time" not in k]
+    assert len(compared) > 15
+    for key in compared:
+        assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a[key], b[key])
+    assert json.loads((two / "run" / "run_info.json").read_text())["processes"] == 2
+    assert _files(two / "run") == _files(one / "run") | {"train_ddp_process_1.log"}
+    unkeyed = lambda files: {re.sub(r"-[0-9a-f]{12}", "-KEY", f) for f in files}  # batch: key
+    assert unkeyed(_files(two / "base")) == unkeyed(_files(one / "base"))
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ command line plus ``hydra.run.dir=<this run's folder> hydra.output_subdir=null``
 SLURM, ``srun`` starts one process per task instead). Every process runs the whole
 pipeline in step: the same seed builds the same model, the stages without Lightning
 (SVD, pruning) compute the same result in each process, and the trained stages and the
-evaluations are shared (DDP averages the gradients, evaluation sums are added up over
-processes, each example counted once). Only the main process (global rank 0) writes files
+evaluations are shared (DDP averages the gradients, FSDP shards the model for the call
+and gathers it back whole after it, evaluation sums are added up over processes, each
+example counted once). Only the main process (global rank 0) writes files
 and logs; the others read what it writes (cached tokens, the cached base model).
 """
 
@@ -43,17 +44,11 @@ def world() -> tuple[int, int]:
 
 
 def check_trainer(cfg) -> None:
-    """A trainer that cannot work here: FSDP (not supported yet), a GPU trainer on a
-    machine without a GPU."""
+    """A trainer that cannot work here: a GPU trainer on a machine without a GPU. (FSDP,
+    ``trainer=fsdp``/``fsdp_cpu``, works: :mod:`compresslab.sharding`.)"""
     from compresslab.errors import ConfigError
 
     trainer = cfg.get("trainer") or {}
-    strategy = trainer.get("strategy")
-    name = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy or "")
-    if "fsdp" in name.lower():
-        raise ConfigError("trainer=fsdp is not supported yet: FSDP leaves the model wrapped "
-                          "and sharded after every Lightning call, and the next stage needs "
-                          "it whole; use trainer=ddp")
     accelerator = str(trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but torch finds no GPU here; "

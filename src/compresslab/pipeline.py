@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import resume
+from compresslab import resume, sharding
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -134,6 +134,7 @@ def evaluate(model: nn.Module, ctx: RunContext, split: str) -> dict[str, float]:
     trainer = ctx.trainer(logger=False)
     model.eval()
     trainer.test(module, dataloaders=ctx.data.eval_dataloader(split), verbose=False)
+    sharding.gather(model)  # under FSDP the test sharded it (EvalModule.configure_model)
     return module.result
 
 

@@ -21,6 +21,10 @@ class Task:
     #: the metric tables and plots lead with, and whether larger is better
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
+    #: whether the task reads the model only through its forward pass, so that FSDP may
+    #: shard it (:mod:`compresslab.sharding`); a task computing with the weights directly
+    #: (``model.end_to_end()``) keeps the model whole in every process
+    shardable: ClassVar[bool] = True
 
     def loss(self, model: nn.Module, adapter: ArchitectureAdapter, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -88,6 +92,7 @@ class MatrixRecoveryTask(Task):
     """
 
     primary_metric, higher_is_better = "recovery_mse", False
+    shardable = False  # the end-to-end matrix, not a forward pass
 
     def loss(self, model, adapter, batch):
         residual = (model.end_to_end() - batch["target"]) * batch["mask"]

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from compresslab.sharding import local_values
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,10 @@ class StageCheckpoint(ModelCheckpoint):
             self.save(trainer, pl_module)
 
     def save(self, trainer, pl_module) -> None:
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        # under FSDP each process checks its shard; all must agree (saving is collective)
+        finite = all(bool(torch.isfinite(local_values(p)).all()) for p in pl_module.parameters())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             log.warning("step %d: parameters are not finite; checkpoint not saved",
                         trainer.global_step)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from compresslab.sharding import unsharded
+
 
 class PeriodicRecorder(L.Callback):
     """Samples at the start of training, every ``every_n_steps`` optimiser steps and at
@@ -40,7 +42,12 @@ class PeriodicRecorder(L.Callback):
         if self.steps and self.steps[-1] == step:
             return
         self.steps.append(step)
-        scalars = self.sample(trainer, pl_module)
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            scalars = self.sample(trainer, pl_module)
+        else:  # under FSDP: sample the whole parameters (every process gathers them)
+            with unsharded(model):
+                scalars = self.sample(trainer, pl_module)
         if trainer.logger is not None and scalars:
             trainer.logger.log_metrics(scalars, step=step)
 

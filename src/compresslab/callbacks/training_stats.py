@@ -7,6 +7,7 @@ import math
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class GradNormStats(L.Callback):
@@ -18,11 +19,18 @@ class GradNormStats(L.Callback):
         self.norms: list[float] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad.detach().double() for p in pl_module.parameters()
+        grads = [p.grad.detach() for p in pl_module.parameters()
                  if p.requires_grad and p.grad is not None]
         if not grads:
             return
-        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        # under FSDP a gradient is a DTensor: each process holds one shard, so the squares
+        # of the shards are added up over the processes (plain gradients are whole)
+        whole = sum(float(g.double().pow(2).sum()) for g in grads if not isinstance(g, DTensor))
+        shards = torch.tensor(sum(float(g.to_local().double().pow(2).sum())
+                                  for g in grads if isinstance(g, DTensor)), dtype=torch.float64)
+        if any(isinstance(g, DTensor) for g in grads) and trainer.world_size > 1:
+            shards = trainer.strategy.reduce(shards, reduce_op="sum")
+        norm = math.sqrt(whole + float(shards))
         self.norms.append(norm)
         if trainer.logger is not None and len(self.norms) % self.log_every == 0:
             trainer.logger.log_metrics({"train/grad_norm": norm}, step=trainer.global_step)

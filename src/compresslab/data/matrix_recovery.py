@@ -61,6 +61,7 @@ class MatrixSensingTask(Task):
     """Loss ``1/2 sum_i (<A_i, W> - y_i)^2``; recovery errors over every entry of ``M*``."""
 
     primary_metric, higher_is_better = "recovery_rel", False
+    shardable = False  # the end-to-end matrix, not a forward pass
 
     @staticmethod
     def measure(matrix: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,13 @@ class DeepLinearGD(L.LightningModule):
     def configure_optimizers(self):
         return None
 
+    def configure_model(self):
+        """Under FSDP the deep linear net stays whole in every process (not sharded): the
+        plain GD step differentiates with respect to the layer weights themselves
+        (``torch.autograd.grad``), which sharded parameters would not be, and every
+        process takes the same full-batch step, as under DDP. The hook exists because
+        Lightning's ModelParallelStrategy requires it."""
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["compresslab"] = {"iteration": self.iteration, "gd_seconds": self.gd_seconds,
                                      "finished": self.finished,

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from compresslab import sharding
 from compresslab.errors import NumericalError
 from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.stages.optim import OptimConfig, build_optimizer
@@ -33,6 +34,11 @@ class EvalModule(L.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self.result: dict[str, float] = {}
 
+    def configure_model(self):
+        """Under FSDP (``trainer=fsdp``): shard the model (:mod:`compresslab.sharding`);
+        the caller gathers it back after the test."""
+        sharding.configure(self)
+
     def test_step(self, batch, batch_idx):
         _accumulate(self._sums, self.task.eval_sums(self.model, self.adapter, batch))
 
@@ -48,7 +54,15 @@ class TrainModule(L.LightningModule):
 
     Subclasses add loss terms by overriding :meth:`extra_losses`, which returns
     named terms that are logged as ``train/loss_<name>`` and added to the loss.
+
+    Under FSDP the model is sharded when the fit starts (:meth:`configure_model`) and
+    gathered back by :func:`compresslab.stages.train.fit`. A subclass whose losses read the
+    model's parameters outside its forward pass sets ``params_outside_forward``: the
+    parameters are then gathered for the whole training step (before the step, kept after
+    the forward), so such code sees plain tensors.
     """
+
+    params_outside_forward: bool = False
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, task: Task,
                  optim: OptimConfig, total_steps: int):
@@ -57,6 +71,13 @@ class TrainModule(L.LightningModule):
         self.optim, self.total_steps = optim, total_steps
         self._val_sums: dict[str, torch.Tensor] = {}
         self.last_val: dict[str, float] = {}
+
+    def configure_model(self):
+        sharding.configure(self, reshard_after_forward=not self.params_outside_forward)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.params_outside_forward:
+            sharding.unshard(self.model)  # no-op unless sharded
 
     def task_loss(self, batch) -> torch.Tensor:
         return self.task.loss(self.model, self.adapter, batch)

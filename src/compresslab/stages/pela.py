@@ -71,6 +71,8 @@ class PelaModule(TrainModule):
         self.fd_weight, self.wpr_weight, self.wpr_eps = fd_weight, wpr_weight, wpr_eps
         self.wpr_form, self.selector = wpr_form(wpr_form_name), feature_selector(features)
         self.capture = CapturingAdapter(adapter)
+        # WPR reads the low-rank factors after the forward: gathered for the step under FSDP
+        self.params_outside_forward = bool(wpr_weight)
 
     def train(self, mode: bool = True):
         super().train(mode)

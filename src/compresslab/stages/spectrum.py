@@ -117,7 +117,11 @@ class SpectrumModule(TrainModule):
             return select_components({n: g.gates() for n, g in self.gated.items()},
                                      self.costs, self.budget, self.score)
 
+    #: the budget term and the selection read the gates outside the forward pass
+    params_outside_forward = True
+
     def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)  # under FSDP: gather the gates
         if self.hard:  # the forward pass sees exactly the model the selection would keep
             for name, mask in self.selection().items():
                 layer = self.gated[name]

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from compresslab import sharding
 from compresslab.errors import ConfigError
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import NonFiniteLossError, TrainModule
@@ -32,6 +33,7 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
     stage; afterwards the global generators are re-seeded from it, so what follows does not
     depend on how this fit ran (or resumed).
     A NaN/Inf loss stops the fit with the step and the last good checkpoint.
+    Under FSDP the model is gathered back whole after the fit (:func:`sharding.gather`).
     """
     from compresslab.callbacks.checkpointing import StageCheckpoint, StepSeed
     from compresslab.resume import checkpoint_dir, checkpoint_step, derive_seed
@@ -65,6 +67,9 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
         raise NonFiniteLossError(f"stage {where}: {exc}; last good checkpoint: {good}") from None
     finally:
         ctx.data.train_schedule = None
+    # under FSDP the module's configure_model sharded the model: whole again for what
+    # follows (the next stage, evaluation, saving); the same module objects
+    sharding.gather(module)
     L.seed_everything(derive_seed(seed, "after fit"), verbose=False)
     return trainer
 
