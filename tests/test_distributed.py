@@ -297,16 +297,16 @@ def _files(folder: Path) -> set[str]:
             if p.is_file() and "wandb" not in p.parts and ".hydra" not in p.parts}
 
 
-@pytest.mark.slow
-def test_ddp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
+def _matches_one_process(tmp_path: Path, args: list[str], env: dict) -> tuple[Path, Path]:
+    """PELA in one process and with ``args`` (two processes, 8 examples each: the same
+    global batch of 16); the metrics agree, and the two-process run writes the same files
+    but the second process's (empty) Hydra log. Returns both run roots."""
     one, two = tmp_path / "one", tmp_path / "two"
     result = _run([*PELA_LLAMA, "trainer=cpu", f"paths.root={one}",
                    f"hydra.run.dir={one}/run"], env={"WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
-    # batch 16 in one process = 2 x 8 under DDP; W&B offline: one run, from rank 0
-    result = _run([*PELA_LLAMA, "trainer=ddp_cpu", "dataset.datamodule.batch_size=8",
-                   "logger=wandb", f"paths.root={two}", f"hydra.run.dir={two}/run"],
-                  env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_tmp")})
+    result = _run([*PELA_LLAMA, *args, "dataset.datamodule.batch_size=8",
+                   f"paths.root={two}", f"hydra.run.dir={two}/run"], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_metrics(one / "run"), read_metrics(two / "run")
     compared = [k for k in a if (k.startswith(("test/", "dense/", "base/", "after_", "params/"))
@@ -317,10 +317,18 @@ def test_ddp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
     info = json.loads((two / "run" / "run_info.json").read_text())
     assert info["processes"] == 2 and json.loads(
         (one / "run" / "run_info.json").read_text())["processes"] == 1
-    # the same files as one process, but the second process's (empty) Hydra log
     assert _files(two / "run") == _files(one / "run") | {"train_ddp_process_1.log"}
     unkeyed = lambda files: {re.sub(r"-[0-9a-f]{12}", "-KEY", f) for f in files}  # batch: key
     assert unkeyed(_files(two / "base")) == unkeyed(_files(one / "base"))
+    return one, two
+
+
+@pytest.mark.slow
+def test_ddp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
+    # W&B offline: one run, from rank 0
+    _, two = _matches_one_process(
+        tmp_path, ["trainer=ddp_cpu", "logger=wandb"],
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_tmp")})
     assert len(list((two / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
@@ -328,24 +336,7 @@ def test_fsdp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
     """trainer=fsdp_cpu (FSDP2, 2 processes): every trained stage and evaluation runs on
     the sharded model, which is gathered back whole between them; the numbers are those
     of one process (same batches, as under DDP), and only rank 0 writes."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    result = _run([*PELA_LLAMA, "trainer=cpu", f"paths.root={one}",
-                   f"hydra.run.dir={one}/run"], env={"WANDB_MODE": "disabled"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = _run([*PELA_LLAMA, "trainer=fsdp_cpu", "dataset.datamodule.batch_size=8",
-                   f"paths.root={two}", f"hydra.run.dir={two}/run"],
-                  env={"WANDB_MODE": "disabled"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = read_metrics(one / "run"), read_metrics(two / "run")
-    compared = [k for k in a if (k.startswith(("test/", "dense/", "base/", "after_", "params/"))
-                                 or k.endswith("/steps") or "/val_" in k) and "time" not in k]
-    assert len(compared) > 15
-    for key in compared:
-        assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a[key], b[key])
-    assert json.loads((two / "run" / "run_info.json").read_text())["processes"] == 2
-    assert _files(two / "run") == _files(one / "run") | {"train_ddp_process_1.log"}
-    unkeyed = lambda files: {re.sub(r"-[0-9a-f]{12}", "-KEY", f) for f in files}  # batch: key
-    assert unkeyed(_files(two / "base")) == unkeyed(_files(one / "base"))
+    _matches_one_process(tmp_path, ["trainer=fsdp_cpu"], env={"WANDB_MODE": "disabled"})
 
 
 @pytest.mark.slow
