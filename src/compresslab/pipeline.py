@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import resume, sharding
+from compresslab import resume, sharding, tracking
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -171,7 +171,9 @@ def finish_logger(logger, failed: bool) -> None:
 
 def pretrain(model: nn.Module, ctx: RunContext) -> dict[str, float]:
     """Train a fresh base model on ``ctx.data`` and evaluate it on val and test."""
-    pretrain_stage(ctx.cfg).run(model, ctx)
+    stage = pretrain_stage(ctx.cfg)
+    tracking.announce_pretraining(ctx.cfg, model, ctx, stage.max_steps)
+    stage.run(model, ctx)
     return {f"{split}/{k}": v for split in ("val", "test")
             for k, v in evaluate(model, ctx, split).items()}
 
@@ -217,6 +219,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx.logger = build_logger(cfg, state)
+    tracking.log_config(ctx.logger, cfg)
     resume.write_state(run_dir, state)
     failed = True
     try:
@@ -288,9 +291,9 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         # ran before in this process (a resumed run skips the finished stages)
         L.seed_everything(resume.derive_seed(int(cfg.seed), "stage", index, stage.name),
                           verbose=False)
-        stage_start = time.perf_counter()
-        model = stage.run(model, ctx)
-        ctx.metrics.setdefault(f"{stage.name}/time_s", time.perf_counter() - stage_start)
+        with tracking.StageTimer(stage.name, index, len(stages)) as timer:
+            model = stage.run(model, ctx)
+        ctx.metrics.setdefault(f"{stage.name}/time_s", timer.seconds)
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
@@ -300,6 +303,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
              "params/ratio": 1 - params / dense_params,
              "time/total_s": time.perf_counter() - start})
     write_results(cfg, ctx, model, data)
+    tracking.log_results(ctx.logger, cfg, ctx.metrics, data.task, ctx.run_dir)
     resume.cleanup(ctx.run_dir)
     if cfg.get("print_table", True) and is_main_process():
         from compresslab.report import print_run_table

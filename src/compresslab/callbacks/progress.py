@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from lightning.pytorch.callbacks import RichProgressBar
+
 T = TypeVar("T")
 
 
@@ -12,12 +14,30 @@ def progress_enabled(cfg=None) -> bool:
     return bool(cfg is None or cfg.get("progress", True))
 
 
-def progress_callbacks(cfg) -> list:
+class StageProgressBar(RichProgressBar):
+    """Rich bar named by what runs ("pretrain 120/300", "evaluate test") instead of
+    Lightning's "Epoch 0/-2" (every fit is one long epoch of ``max_steps`` batches)."""
+
+    def __init__(self, label: str | None = None):
+        super().__init__(leave=True)
+        self.label = label
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self.label or super()._get_train_description(current_epoch)
+
+    @property
+    def validation_description(self) -> str:
+        return f"{self.label} validation" if self.label else "Validation"
+
+    @property
+    def test_description(self) -> str:
+        return self.label or "Testing"
+
+
+def progress_callbacks(cfg, label: str | None = None) -> list:
     if not progress_enabled(cfg):
         return []
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    return [RichProgressBar(leave=True)]
+    return [StageProgressBar(label)]
 
 
 def track(items: Iterable[T], description: str, total: int | None = None,

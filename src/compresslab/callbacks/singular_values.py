@@ -61,8 +61,7 @@ class SingularValueTrajectory(PeriodicRecorder):
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.file_prefix}.json").write_text(
             json.dumps({"steps": self.steps, "values": self.values}))
-        self.plot(out / f"{self.file_prefix}.png")
-        self._log_wandb(trainer)
+        self._log_wandb(trainer, self.plot(out / f"{self.file_prefix}.png"))
 
     def plot(self, path: Path) -> Path:
         import matplotlib
@@ -84,10 +83,11 @@ class SingularValueTrajectory(PeriodicRecorder):
             ax.set_title(name, fontsize=9)
         return save_figure(fig, path, dpi=120)
 
-    def _log_wandb(self, trainer) -> None:
-        from lightning.pytorch.loggers import WandbLogger
+    def _log_wandb(self, trainer, png: Path) -> None:
+        """Line-series charts per matrix and the PNG (W&B only)."""
+        from compresslab.tracking import log_charts, log_media, wandb_run
 
-        if not isinstance(trainer.logger, WandbLogger):
+        if wandb_run(trainer.logger) is None:
             return
         import wandb
 
@@ -97,4 +97,5 @@ class SingularValueTrajectory(PeriodicRecorder):
             charts[f"sv/{name}"] = wandb.plot.line_series(
                 xs=self.steps, ys=series, keys=[f"s{i}" for i in range(len(series))],
                 title=f"singular values of {name}", xname="step")
-        trainer.logger.experiment.log(charts)
+        log_charts(trainer.logger, charts)
+        log_media(trainer.logger, {"sv/plot": png})

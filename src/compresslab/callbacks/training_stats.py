@@ -12,9 +12,11 @@ from torch.distributed.tensor import DTensor
 
 class GradNormStats(L.Callback):
     """Global L2 norm of the trainable gradients before each optimiser step (before
-    clipping); logs ``train/grad_norm`` and keeps every value for mean and variance."""
+    clipping) and the learning rate; logs ``train/grad_norm`` and ``train/lr`` every
+    ``log_every`` steps (default: the trainer's ``log_every_n_steps``) and keeps every norm
+    for mean and variance. Every trained stage gets one (:func:`stages.train.fit`)."""
 
-    def __init__(self, log_every: int = 10):
+    def __init__(self, log_every: int | None = None):
         self.log_every = log_every
         self.norms: list[float] = []
 
@@ -32,8 +34,12 @@ class GradNormStats(L.Callback):
             shards = trainer.strategy.reduce(shards, reduce_op="sum")
         norm = math.sqrt(whole + float(shards))
         self.norms.append(norm)
-        if trainer.logger is not None and len(self.norms) % self.log_every == 0:
-            trainer.logger.log_metrics({"train/grad_norm": norm}, step=trainer.global_step)
+        every = self.log_every or trainer.log_every_n_steps or 1
+        if trainer.logger is not None and len(self.norms) % every == 0:
+            # the step this update makes, as Lightning counts the loss logged for its batch
+            trainer.logger.log_metrics({"train/grad_norm": norm,
+                                        "train/lr": float(optimizer.param_groups[0]["lr"])},
+                                       step=trainer.global_step)
 
     def state_dict(self) -> dict:
         return {"norms": self.norms}

@@ -40,16 +40,18 @@ class RunContext:
             if numeric:
                 self.logger.log_metrics(numeric, step=step)
 
-    def trainer(self, callbacks: list | None = None, logger: bool = True,
-                **overrides) -> L.Trainer:
-        """A Lightning Trainer from ``cfg.trainer`` with this run's logger and progress bar."""
+    def trainer(self, callbacks: list | None = None, logger: Any = True,
+                label: str | None = None, **overrides) -> L.Trainer:
+        """A Lightning Trainer from ``cfg.trainer`` with this run's logger (or the one given,
+        e.g. a stage's :class:`~compresslab.tracking.StageLogger`; False: none) and a
+        progress bar named ``label``."""
         from hydra.utils import instantiate
 
         from compresslab.callbacks.progress import progress_callbacks
 
-        return instantiate(self.cfg.trainer,
-                           logger=self.logger if (logger and self.logger is not None) else False,
-                           callbacks=progress_callbacks(self.cfg) + list(callbacks or []),
+        logger = self.logger if logger is True else logger
+        return instantiate(self.cfg.trainer, logger=logger or False,
+                           callbacks=progress_callbacks(self.cfg, label) + list(callbacks or []),
                            default_root_dir=str(self.run_dir), **overrides)
 
 

@@ -191,12 +191,9 @@ def plot_gate_trajectories(steps, values, path: Path) -> Path:
 
 
 def log_wandb_images(logger, images: dict[str, Path]) -> None:
-    from lightning.pytorch.loggers import WandbLogger
+    from compresslab.tracking import log_media
 
-    if isinstance(logger, WandbLogger) and is_main_process():
-        import wandb
-
-        logger.experiment.log({k: wandb.Image(str(p)) for k, p in images.items()})
+    log_media(logger, images)
 
 
 class SpectrumStage(TrainStage):

@@ -15,6 +15,7 @@ from compresslab.errors import ConfigError
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import NonFiniteLossError, TrainModule
 from compresslab.stages.optim import OptimConfig
+from compresslab.tracking import stage_logger
 
 
 def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str | None = None,
@@ -47,9 +48,12 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
     seed = int(torch.randint(2**62, ()).item())
     ckpt = StageCheckpoint(folder, int(every), val_every, save_on_end=phase is not None) \
         if every else None
-    cbs = [StepSeed(seed), *(callbacks or []), *([ckpt] if ckpt else [])]
+    cbs = [StepSeed(seed), *with_grad_norms(callbacks), *([ckpt] if ckpt else [])]
     ctx.data.train_schedule = (seed, int(steps)) if steps else None
-    trainer = ctx.trainer(callbacks=cbs, enable_checkpointing=ckpt is not None, **trainer_kwargs)
+    prefix = where.replace("/", "_")
+    trainer = ctx.trainer(callbacks=cbs, enable_checkpointing=ckpt is not None,
+                          logger=stage_logger(ctx.logger, prefix), label=prefix.replace("_", " "),
+                          **trainer_kwargs)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*checkpoint that ended before the epoch")
@@ -72,6 +76,17 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
     sharding.gather(module)
     L.seed_everything(derive_seed(seed, "after fit"), verbose=False)
     return trainer
+
+
+def with_grad_norms(callbacks: list | None) -> list:
+    """``callbacks`` plus a :class:`GradNormStats` (gradient norm and learning rate curves)
+    unless the stage brought its own (an adapter stage reads its statistics)."""
+    from compresslab.callbacks.training_stats import GradNormStats
+
+    callbacks = list(callbacks or [])
+    if not any(isinstance(cb, GradNormStats) for cb in callbacks):
+        callbacks.append(GradNormStats())
+    return callbacks
 
 
 class TrainStage(Stage):
