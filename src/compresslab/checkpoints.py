@@ -118,7 +118,15 @@ def save_state(model: nn.Module, path: Path) -> None:
         tensors[name] = tensor.detach().contiguous().cpu()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, user_file_mode())  # safetensors creates its files 0600
     os.replace(tmp, path)
+
+
+def user_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,235 @@
+"""Experiment tracking read back from what a run really wrote: an offline W&B run's
+record file, CSV curves, weight-file modes, the --help page, progress bar names."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresslab.pipeline import run
+from conftest import TINY_VIT, compose_cfg, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRAINED = ("base_pretrain", "pretrain", "finetune")
+# PELA on a 2-block ViT: every stage short; the fine-tune validates (val curves)
+PELA_TINY = [*TINY_VIT, "model.pretrain.max_steps=30", "model.pretrain.log_every=5",
+             "method=pela", "method.stages.pretrain.max_steps=20",
+             "method.stages.pretrain.log_every=5",
+             "method.stages.pretrain.callbacks.0.every_n_steps=10",
+             "method.stages.finetune.max_steps=20", "method.stages.finetune.log_every=5",
+             "method.stages.finetune.val_every=10"]
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    """One finished offline W&B run of PELA (base pre-trained in the run), read back from
+    its ``.wandb`` file; also its run folder and metrics."""
+    from compresslab.stages import train
+
+    root = tmp_path_factory.mktemp("tracked")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_DIR", str(root))
+    # every fit also records the loss its training_step returned, per step
+    recorded: dict[str, dict[int, float]] = {}
+    add_grad_norms = train.with_grad_norms
+    mp.setattr(train, "with_grad_norms",
+               lambda cbs: [*add_grad_norms(cbs), LossRecorder(recorded)])
+    try:
+        cfg = compose_cfg([*PELA_TINY, "logger=wandb", "logger.mode=offline"], root,
+                          root / "run")
+        metrics = run(cfg)
+    finally:
+        mp.undo()
+    metrics["recorded"] = recorded
+    return read_back(root / "run"), root / "run", metrics
+
+
+class LossRecorder:
+    """Lightning callback (duck-typed): ``recorded[stage][step]`` = the training loss."""
+
+    def __new__(cls, recorded):
+        import lightning as L
+
+        class Recorder(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                stage = trainer.logger.prefix
+                step = trainer.global_step - 1  # the step that just ran (0-based)
+                recorded.setdefault(stage, {})[step] = float(outputs["loss"])
+
+        return Recorder()
+
+
+def read_back(run_dir: Path):
+    """The offline W&B run of ``run_dir``, once the service has written all of it."""
+    import wandb
+
+    from compresslab.wandb_offline import read_run
+
+    wandb.teardown()  # the service writes the run file's last records after finish()
+    return read_run(next((run_dir / "wandb").glob("offline-run-*")))
+
+
+def step_values(wb, key: str) -> list:
+    """The step of every logged value of ``key``: its defined step metric, else _step."""
+    step_key = (wb.metrics.get(key) or {}).get("step_metric") or "_step"
+    return [row.get(step_key) for row in wb.history if key in row]
+
+
+def test_full_config_and_job_type_reach_wandb(wandb_run):
+    wb, _, _ = wandb_run
+    assert wb.config["method"]["ratio"] == 0.5 and wb.config["method"]["name"] == "pela"
+    assert wb.config["model"]["name"] == "vit_tiny" and wb.config["seed"] == 0
+    assert wb.config["method"]["stages"]["pretrain"]["optim"]["lr"] == 1e-3
+    assert wb.job_type == "pela" and set(wb.tags) == {"pela", "vit_tiny", "digits"}
+
+
+@pytest.mark.parametrize("stage", TRAINED)
+def test_each_trained_stage_has_its_own_step_loss_lr_and_grad_norm(wandb_run, stage):
+    wb, _, _ = wandb_run
+    for curve in ("train/loss", "train/lr", "train/grad_norm"):
+        key = f"{stage}/{curve}"
+        assert wb.metrics[key]["step_metric"] == f"{stage}/step", key
+        steps = step_values(wb, key)
+        assert len(steps) >= 3 and steps[0] >= 0, (key, steps)
+    assert wb.metrics[f"{stage}/train/loss"]["summary"] == ["min"]
+    lrs = [v for _, v in wb.series(f"{stage}/train/lr", f"{stage}/step")]
+    assert all(v > 0 for v in lrs)
+
+
+def test_validation_curve_where_the_stage_validates(wandb_run):
+    wb, _, _ = wandb_run
+    # Lightning's 0-based step of the batch that triggered it, as for train/loss
+    assert step_values(wb, "finetune/val/acc") == [9, 19]
+    assert wb.metrics["finetune/val/acc"]["summary"] == ["max"]
+    assert not any(k.startswith("pretrain/val/") for row in wb.history for k in row)
+
+
+def test_no_key_has_overlapping_step_ranges(wandb_run):
+    """Every key logged more than once moves strictly forward along its step metric (the
+    old shared ``train/loss`` vs ``trainer/global_step`` went back to 0 at each stage)."""
+    wb, _, _ = wandb_run
+    keys = {k for row in wb.history for k in row if not k.startswith("_")}
+    for key in keys:
+        steps = step_values(wb, key)
+        if len(steps) > 1:
+            assert None not in steps and steps == sorted(set(steps)), (key, steps)
+    assert "train/loss" not in keys
+
+
+def test_logged_losses_are_the_losses_each_stage_trained_on(wandb_run):
+    """Each logged ``<stage>/train/loss`` is the loss that stage's training step computed at
+    that step: no value from another stage or step under a stage's curve."""
+    wb, _, metrics = wandb_run
+    for stage in TRAINED:
+        logged = wb.series(f"{stage}/train/loss", f"{stage}/step")
+        trained = metrics["recorded"][stage]
+        assert logged and all(v == pytest.approx(trained[s], rel=1e-6) for s, v in logged)
+
+
+def test_last_logged_base_loss_agrees_with_the_final_base_model(wandb_run):
+    """The base curve's last point (the loss before the last update) and the final base
+    weights on the training split tell the same story (the issue's 7.68 vs <= 0.0017)."""
+    import json
+
+    from compresslab.checkpoints import load_state
+    from compresslab.data.digits import DigitsDataModule
+    from compresslab.models.adapters import adapter_for
+    from compresslab.models.sources import TinyViT
+
+    wb, run_dir, _ = wandb_run
+    folder = next(p for p in (run_dir.parent / "base").glob("vit_tiny-digits-*") if p.is_dir())
+    record = json.loads((folder / "base.json").read_text())
+    data = DigitsDataModule()
+    data.load()
+    model = TinyViT(**{k: v for k, v in record["model"]["source"].items()
+                       if k != "_target_"}).build(data.spec()).eval()
+    load_state(model, folder / "model.safetensors")
+    images, labels = data.split("train").tensors
+    with torch.no_grad():
+        train_loss = float(data.task.loss(model, adapter_for(model), (images, labels)))
+    last_step, last_loss = wb.series("base_pretrain/train/loss", "base_pretrain/step")[-1]
+    assert last_step == 29
+    assert abs(last_loss - train_loss) < 0.25, (last_loss, train_loss)
+
+
+def test_results_table_and_singular_value_png_are_logged(wandb_run):
+    wb, _, metrics = wandb_run
+    assert any(f.startswith("media/table/results_") for f in wb.files)
+    assert any(f.startswith("media/images/pretrain/sv/plot_") for f in wb.files)
+    rows = [r for r in wb.history if "results/_type" in r]
+    assert rows and rows[0]["results/_type"] == "table-file" and rows[0]["results/nrows"] >= 3
+    assert not wb.artifacts or all("model" not in a for a in wb.artifacts)  # log_model off
+
+
+def test_model_artifact_when_asked(tmp_path, monkeypatch):
+    """``logger.log_model=true``: the ``compressed/`` folder becomes a model artifact."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose_cfg([*TINY_VIT, "model.pretrain.max_steps=10", "method=svd",
+                       "logger=wandb", "logger.mode=offline", "logger.log_model=true"],
+                      tmp_path, tmp_path / "run")
+    run(cfg)
+    wb = read_back(tmp_path / "run")
+    assert any(name.startswith(cfg.run_name) for name in wb.artifacts), wb.artifacts
+
+
+def test_csv_gets_the_config_and_prefixed_curves(tmp_path):
+    import csv
+
+    import yaml
+
+    cfg = compose_cfg([*TINY_VIT, "model.pretrain.max_steps=20", "model.pretrain.log_every=5",
+                       "method=svd", "logger=csv"], tmp_path, tmp_path / "run")
+    run(cfg)
+    hparams = yaml.safe_load((tmp_path / "run" / "csv" / "hparams.yaml").read_text())
+    assert hparams["method"]["name"] == "svd" and hparams["model"]["name"] == "vit_tiny"
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for curve in ("loss", "lr", "grad_norm"):
+        key = f"base_pretrain/train/{curve}"
+        assert [int(r["base_pretrain/step"]) for r in rows if r.get(key)] == [4, 9, 14, 19]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_weight_files_follow_the_umask(tmp_path, mask):
+    from torch import nn
+
+    from compresslab.checkpoints import save_state
+
+    before = os.umask(mask)
+    try:
+        save_state(nn.Linear(2, 2), tmp_path / "w.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask
+
+
+def test_help_starts_with_a_description_and_examples():
+    out = run_cli(["--help"], timeout=120).stdout
+    assert out.startswith("compresslab: compress a pre-trained model")
+    assert "python run.py method=pela model=vit" in out and "python run.py -m " in out
+    assert "make table-pela" in out and "python -m compresslab.compare" in out
+    assert "method: " in out and len(out.splitlines()) < 40  # groups, not the whole config
+
+
+def test_progress_bars_are_named_by_stage():
+    from compresslab.callbacks.progress import StageProgressBar
+
+    bar = StageProgressBar("pela pretrain")
+    assert bar._get_train_description(0) == "pela pretrain"
+    assert bar.test_description == "pela pretrain"
+    assert StageProgressBar().test_description == "Testing"
+
+
+def test_stage_lines_and_pretraining_announcement(tmp_path, caplog):
+    caplog.set_level("INFO", logger="compresslab")
+    run(compose_cfg([*TINY_VIT, "model.pretrain.max_steps=10", "method=svd"], tmp_path))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("pre-training the base model vit_tiny on digits: 10 steps, about ")
+               for m in lines), lines
+    assert "stage 1/1 compress: start" in lines
+    assert any(m.startswith("stage 1/1 compress: done after ") for m in lines)
