@@ -233,3 +233,91 @@ def test_stage_lines_and_pretraining_announcement(tmp_path, caplog):
                for m in lines), lines
     assert "stage 1/1 compress: start" in lines
     assert any(m.startswith("stage 1/1 compress: done after ") for m in lines)
+
+
+# -- sweeps and comparisons ------------------------------------------------------------------
+
+def agent_command_lines(sweep_file: Path) -> list[list[str]]:
+    """The command lines ``wandb agent`` starts for a grid sweep: every combination of the
+    parameters through wandb's own argument builder and the file's ``command`` template."""
+    import itertools
+
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    names = list(spec["parameters"])
+    choices = [p["values"] if "values" in p else [p["value"]] for p in spec["parameters"].values()]
+    lines = []
+    for combo in itertools.product(*choices):
+        made = create_sweep_command_args({"args": {n: {"value": v}
+                                                   for n, v in zip(names, combo)}})
+        made.update(env=["/usr/bin/env"], interpreter=["python"], program=[spec["program"]])
+        lines.append([part for chunk in spec["command"] for part in
+                      (made[chunk[2:-1]] if chunk.startswith("${") else [chunk])])
+    return lines
+
+
+def test_wandb_sweep_agent_command_lines_compose(tmp_path):
+    from conftest import REPO
+
+    lines = agent_command_lines(REPO / "sweeps" / "wandb_ratio.yaml")
+    assert len(lines) == 27 and all(line[:3] == ["/usr/bin/env", "python", "run.py"]
+                                    for line in lines)
+    for line in lines[::8]:  # each method and ratio once (composing takes a while)
+        cfg = compose_cfg(line[3:], tmp_path)
+        values = dict(arg.split("=", 1) for arg in line[3:])
+        assert cfg.method.name == values["method"]
+        assert cfg.method.ratio == float(values["method.ratio"])
+        assert cfg.seed == int(values["seed"]) and cfg.model.name == "vit_tiny"
+        assert cfg.logger.mode == "online" and cfg.logger.job_type == cfg.method.name
+
+
+def test_multirun_prints_one_combined_table_and_compare_reads_it(shared_root, tmp_path):
+    """A Hydra multirun over two ratios and two seeds ends with one table (mean ± std over
+    the seeds); ``python -m compresslab.compare`` regroups its runs; run.log has the stage
+    lines."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", *TINY_VIT, "method=svd", "method.ratio=0.3,0.6", "seed=0,1",
+                    f"paths.root={shared_root}", f"hydra.sweep.dir={sweep}", "logger=none",
+                    "progress=false", "print_table=false", "threads=1"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (sweep / "compare.md").read_text()
+    assert any(line.startswith("| 0.3 | 2 | ") for line in table.splitlines())
+    assert "| method.ratio | runs | test/acc | params/ratio |" in table
+    assert "mean ± std over seeds" in done.stdout and table.split("\n\n", 1)[1] in done.stdout
+    log = next(sweep.glob("0_*/run.log")).read_text()
+    assert "stage 1/1 compress: start" in log and "stage 1/1 compress: done after" in log
+
+    out = subprocess.run([sys.executable, "-m", "compresslab.compare", str(sweep),
+                          "--by", "method,seed", "--out", str(tmp_path / "cmp")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "| method.name | seed | runs | test/acc | params/ratio |" in out.stdout
+    assert out.stdout.count("| svd | ") == 2 and (tmp_path / "cmp" / "compare.md").is_file()
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "compresslab.compare", str(sweep),
+                          "--by", "method.nope"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --by: no run has")
+
+
+def test_compare_mean_and_std_over_seeds(tmp_path):
+    """Exact aggregation on hand-made run folders: mean and sample std over seeds."""
+    import json
+
+    from compresslab.compare import compare
+
+    for seed, acc in ((0, 0.5), (1, 0.7), (2, 0.9)):
+        folder = tmp_path / f"run{seed}"
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text(
+            f"seed: {seed}\nmethod: {{name: svd, ratio: 0.4}}\ndataset: {{metric: acc}}\n")
+        (folder / "metrics.json").write_text(json.dumps({"test/acc": acc,
+                                                         "params/ratio": 0.4}))
+    text, png = compare([tmp_path], ["method", "method.ratio"])
+    assert "| svd | 0.4 | 3 | 0.7 ± 0.2 | 0.4 |" in text and png.is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +87,11 @@ def lookup(record: dict[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var)
+    """Mean and sample standard deviation (0 for a single value); ``statistics`` computes
+    exactly, so equal values give a std of exactly 0 (no rounding residue)."""
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(records: list[dict[str, Any]], by: list[str],
