@@ -8,7 +8,8 @@ export WANDB_SILENT ?= true
 .DEFAULT_GOAL := help
 # each paper folder adds its table/figure targets in experiments/<paper>/targets.mk
 -include experiments/*/targets.mk
-.PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all
+.PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all \
+        compare wandb-sync dashboards
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-22s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +42,19 @@ base-models: install ## pre-train and cache the embedded base models (llama_tiny
 
 dln-demo: install ## deep linear network on matrix factorization (spec settings, 1e5 GD steps)
 	$(BIN)/python run.py experiment=dln_factorization
+
+RUNS ?= $(lastword $(sort $(wildcard outputs/multirun/*/*)))
+BY   ?= method.name,method.ratio
+compare: install ## offline table + PNG: make compare RUNS="<run or sweep folders>" BY=method.name,method.ratio
+	$(BIN)/python -m compresslab.compare $(RUNS) --by $(BY)
+
+WANDB_OFFLINE_RUNS = $(wildcard outputs/runs/*/*/wandb/offline-run-* outputs/multirun/*/*/*/wandb/offline-run-*)
+wandb-sync: install ## upload every offline W&B run under outputs/ (after `wandb login`)
+	$(if $(WANDB_OFFLINE_RUNS),$(BIN)/wandb sync $(WANDB_OFFLINE_RUNS),@echo "no offline W&B runs under outputs/")
+
+dashboards: install ## save the paper tables' W&B workspaces (online): make dashboards WANDB_ENTITY=<entity>
+	@test -n "$(WANDB_ENTITY)" || { echo "error: set WANDB_ENTITY=<your W&B user or team>"; exit 2; }
+	$(BIN)/python -m compresslab.dashboards --entity $(WANDB_ENTITY) --project $(or $(WANDB_PROJECT),compresslab)
 
 clean: ## remove run folders and caches of tools (keeps cached base models and tokens)
 	rm -rf outputs/runs outputs/multirun .pytest_cache .ruff_cache

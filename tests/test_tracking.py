@@ -321,3 +321,74 @@ def test_compare_mean_and_std_over_seeds(tmp_path):
                                                          "params/ratio": 0.4}))
     text, png = compare([tmp_path], ["method", "method.ratio"])
     assert "| svd | 0.4 | 3 | 0.7 ± 0.2 | 0.4 |" in text and png.is_file()
+
+
+# -- dashboards as code ----------------------------------------------------------------------
+
+def board_keys(view) -> dict[str, set[str]]:
+    """The keys a built workspace's panels read: metrics (history or summary), config
+    keys, media keys."""
+    import wandb_workspaces.reports.v2 as wr
+
+    keys: dict[str, set[str]] = {"metric": set(), "config": set(), "media": set()}
+    for section in view.sections:
+        for panel in section.panels:
+            if isinstance(panel, wr.MediaBrowser):
+                keys["media"] |= set(panel.media_keys)
+                continue
+            for axis in (panel.x, *(panel.y if isinstance(panel.y, list) else [panel.y])):
+                kind = "config" if isinstance(axis, wr.Config) else "metric"
+                keys[kind].add(axis if isinstance(axis, str) else axis.name)
+    return keys
+
+
+def config_has(config: dict, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def assert_board_matches_run(board, wb) -> None:
+    from compresslab.dashboards import workspace
+
+    keys = board_keys(workspace(board, "entity", "compresslab"))
+    logged = {k for row in wb.history for k in row}
+    assert keys["metric"] and keys["metric"] <= logged, keys["metric"] - logged
+    assert all(config_has(wb.config, k) for k in keys["config"]), keys["config"]
+    for key in keys["media"]:
+        assert any(k.startswith(f"{key}/") for k in logged), key
+
+
+def test_pela_dashboard_names_keys_the_runs_log(wandb_run):
+    from compresslab.dashboards import BOARDS
+
+    assert_board_matches_run(BOARDS["pela"], wandb_run[0])
+
+
+def test_llama_dashboards_name_keys_the_runs_log(tmp_path, monkeypatch):
+    """The spectrum and numerical-pruning boards against a learned-spectrum run on the tiny
+    LLaMA (base pre-trained in the run: the run's own base folder)."""
+    from compresslab.dashboards import BOARDS
+    from conftest import TINY_LLAMA
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run(compose_cfg([*TINY_LLAMA, "model.pretrain.max_steps=6", "model.pretrain.log_every=2",
+                     "method=spectrum", "method.ratio=0.6", "method.stages.spectrum.max_steps=8",
+                     "method.stages.spectrum.finetune_steps=4",
+                     "method.stages.spectrum.log_every=2",
+                     "method.stages.spectrum.track_every=2", "method.calibration.num_samples=8",
+                     "logger=wandb", "logger.mode=offline"], tmp_path, tmp_path / "run"))
+    wb = read_back(tmp_path / "run")
+    for name in ("spectrum", "numprune"):
+        assert_board_matches_run(BOARDS[name], wb)
+
+
+def test_every_board_builds_offline():
+    from compresslab.dashboards import BOARDS, workspace
+
+    for board in BOARDS.values():
+        model = workspace(board, "entity", "compresslab")._to_model()
+        assert model.display_name == board.title
