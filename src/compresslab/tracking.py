@@ -241,8 +241,8 @@ def announce_pretraining(cfg: DictConfig, model, ctx, steps: int) -> None:
 
 
 def estimate_step_seconds(model, ctx, probes: int = 2) -> float | None:
-    """Seconds of one training step (forward + backward of one batch on a copy of the
-    model, random state untouched); None when the probe cannot run."""
+    """Seconds of one training step (forward, backward and an AdamW step on one batch, on a
+    copy of the model, random state untouched); None when the probe cannot run."""
     import copy
 
     import torch
@@ -251,11 +251,18 @@ def estimate_step_seconds(model, ctx, probes: int = 2) -> float | None:
     try:
         batch = next(iter(DataLoader(ctx.data.split("train"), batch_size=ctx.data.batch_size)))
         probe = copy.deepcopy(model).train()
+        optimizer = torch.optim.AdamW(probe.parameters())
+
+        def step():
+            optimizer.zero_grad()
+            ctx.data.task.loss(probe, ctx.adapter, batch).backward()
+            optimizer.step()
+
         with torch.random.fork_rng():
-            ctx.data.task.loss(probe, ctx.adapter, batch).backward()  # warm-up
+            step()  # warm-up (allocations, optimizer state)
             start = time.perf_counter()
             for _ in range(probes):
-                ctx.data.task.loss(probe, ctx.adapter, batch).backward()
+                step()
         return (time.perf_counter() - start) / probes
     except Exception:  # noqa: BLE001 (an estimate only: never stops the run)
         return None
