@@ -196,8 +196,9 @@ def test_pela_run_py_end_to_end_writes_metrics(shared_root, tmp_path):
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v not in ("", None)}
-    assert {"train/loss_task", "train/loss_fd", "train/loss_wpr"} <= logged
-    fd = [float(r["train/loss_fd"]) for r in rows if r.get("train/loss_fd")]
+    assert {"pretrain/train/loss_task", "pretrain/train/loss_fd",
+            "pretrain/train/loss_wpr"} <= logged
+    fd = [float(r["pretrain/train/loss_fd"]) for r in rows if r.get("pretrain/train/loss_fd")]
     assert fd and all(v >= 0 for v in fd) and max(fd) > 0
     assert (run_dir / "pretrain_singular_values.png").is_file()
     assert (run_dir / "pretrain_singular_values.json").is_file()

@@ -50,7 +50,8 @@ class EvalModule(L.LightningModule):
 
 
 class TrainModule(L.LightningModule):
-    """Trains ``model`` on ``task`` with the configured optimiser; logs ``train/loss``.
+    """Trains ``model`` on ``task`` with the configured optimiser; logs ``train/loss`` (under
+    the stage's prefix, :class:`compresslab.tracking.StageLogger`).
 
     Subclasses add loss terms by overriding :meth:`extra_losses`, which returns
     named terms that are logged as ``train/loss_<name>`` and added to the loss.

@@ -2,7 +2,7 @@
 intermediate pre-training of the low-rank student against the frozen dense teacher.
 
 Intermediate pre-training loss: ``task + fd_weight * L_FD + wpr_weight * L_WPR``, each
-term logged (``train/loss_task``, ``train/loss_fd``, ``train/loss_wpr``). The student runs
+term logged (``<stage>/train/loss_task``, ``..._fd``, ``..._wpr``). The student runs
 one forward per step: the task loss asks the adapter for logits, and a capturing adapter
 answers with ``logits_and_block_outputs`` so the block features come from the same pass.
 """
