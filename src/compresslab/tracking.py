@@ -155,20 +155,12 @@ def log_charts(logger, charts: dict[str, Any]) -> None:
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's config as plain nested data; keys Hydra cannot resolve outside a job
-    (``${hydra:...}``) are kept as their text."""
+    """The run's config as plain nested data (unresolved only where a value cannot be
+    resolved outside a Hydra job, e.g. a config composed in a test)."""
     try:
         return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 (e.g. composed without a Hydra job: keep what resolves)
-        return {k: resolved_value(cfg, k) for k in cfg}
-
-
-def resolved_value(cfg: DictConfig, key: str) -> Any:
-    try:
-        node = cfg[key]
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    except Exception:  # noqa: BLE001
-        return str(OmegaConf.to_container(cfg, resolve=False)[key])
+    except Exception:  # noqa: BLE001 (tracking never stops a run)
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def log_config(logger, cfg: DictConfig) -> None:
