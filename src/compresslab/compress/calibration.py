@@ -264,7 +264,8 @@ class CalibrationSettings:
         if self.data is not None:
             self.data.check()
 
-    def batches(self, run_data: Any) -> list:
+    def batches(self, run_data: Any, with_labels: bool = False) -> list:
+        """The calibration batches: model inputs, or whole task batches ``with_labels``."""
         from compresslab.data.base import calibration_batches
 
         data = run_data
@@ -272,7 +273,8 @@ class CalibrationSettings:
             data = self.data
             if not data._splits:
                 data.load(tokenizer=run_data.shared_tokenizer())
-        batches = calibration_batches(data, self.num_samples, self.batch_size, self.seed)
-        if self.seq_len is not None:
+        batches = calibration_batches(data, self.num_samples, self.batch_size, self.seed,
+                                      with_labels)
+        if self.seq_len is not None:  # text blocks only (check: seq_len within block_size)
             batches = [b[:, :self.seq_len] for b in batches]
         return batches

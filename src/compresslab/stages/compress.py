@@ -13,6 +13,7 @@ from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSe
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import lowrank_params, resolve_rank
 from compresslab.compress.svd import Decomposer
+from compresslab.data.base import model_inputs
 from compresslab.errors import NumericalError
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
@@ -93,10 +94,13 @@ class LowRankStage(Stage):
             for name, rank in ranks.items():
                 yield name, rank, None
             return
-        batches = self.calibration.batches(ctx.data)
+        # whole task batches: model-level statistics may need the loss (FWSVD's Fisher
+        # rows on images need the labels); block statistics see the inputs only
+        labelled = self.calibration.batches(ctx.data, with_labels=True)
+        batches = [model_inputs(b) for b in labelled]
         task = (self.calibration.data or ctx.data).task
         layers = {name: model.get_submodule(name) for name in ranks}
-        whole = self.decomposer.model_statistics(model, ctx.adapter, task, batches, layers)
+        whole = self.decomposer.model_statistics(model, ctx.adapter, task, labelled, layers)
         del layers  # holding every dense layer would keep them all alive until the end
         if self.decomposer.input_statistic() is None:
             for name, rank in ranks.items():
