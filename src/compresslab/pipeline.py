@@ -32,12 +32,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import resume, sharding
+from compresslab import choices, resume, sharding
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
+from compresslab.matrix import check_pair
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
@@ -188,6 +189,7 @@ def quiet_libraries() -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics also written to ``metrics.json``."""
     quiet_libraries()
+    check_pair(cfg)   # a method x model pair outside the matrix: one line, no work
     run_dir = Path(cfg.run_dir)
     state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
     if state["attempts"] > 1:
@@ -215,6 +217,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ctx.metrics["time/data_s"] = time.perf_counter() - data_start
     del bare
 
+    ctx.choices = choices.describe(cfg)
+    if is_main_process():
+        print(choices.header(ctx.choices, run_dir), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx.logger = build_logger(cfg, state)
     resume.write_state(run_dir, state)
@@ -312,7 +317,8 @@ def write_results(cfg, ctx: RunContext, model: nn.Module, data: TaskDataModule) 
     if not is_main_process():  # several processes (DDP): only the main one writes
         return
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "seed": int(cfg.seed), "processes": world()[1], "data": getattr(data, "info", {})}
+            "seed": int(cfg.seed), "processes": world()[1], "data": getattr(data, "info", {}),
+            "choices": ctx.choices}
     atomic_write_text(ctx.run_dir / "run_info.json", json.dumps(info, indent=1, default=str))
     if cfg.get("save_model", True) and ctx.plan:
         save_compressed(model, ctx.run_dir / "compressed", {
