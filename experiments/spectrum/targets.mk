@@ -1,4 +1,4 @@
-# SVD family vs learned spectrum (specs/spectrum.md, docs/spectrum.md).
+# SVD family vs learned spectrum (docs/spectrum.md).
 # SPECTRUM_RUNS: the sweep folder; SPECTRUM_ARGS: sweep.py options, then `--` and overrides
 # for every run (e.g. SPECTRUM_ARGS="-- model=llama model.path=/data/llama dataset=text_files ...").
 ifndef SPECTRUM_RUNS

@@ -1,4 +1,4 @@
-"""PELA losses (specs/pela.md): feature distillation and weight-perturbation regularisation.
+"""PELA losses (docs/pela.md): feature distillation and weight-perturbation regularisation.
 
 Pure torch, no Lightning. Each swappable rule is a small class with one call signature:
 

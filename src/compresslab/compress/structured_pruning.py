@@ -1,4 +1,4 @@
-"""Structured pruning of attention heads and MLP channels (specs/numerical_pruning.md).
+"""Structured pruning of attention heads and MLP channels (docs/numerical_pruning.md).
 
 Pure torch, no Lightning. Convention of the spec: a linear computes ``Y = X W``
 with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.

@@ -1,4 +1,4 @@
-"""PELA stages (specs/pela.md): SVD decomposition with the spec's layer choice, and the
+"""PELA stages (docs/pela.md): SVD decomposition with the paper's layer choice, and the
 intermediate pre-training of the low-rank student against the frozen dense teacher.
 
 Intermediate pre-training loss: ``task + fd_weight * L_FD + wpr_weight * L_WPR``, each
