@@ -38,6 +38,7 @@ from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
+from compresslab.metrics import zero_shot
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
@@ -101,6 +102,7 @@ def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
     data.check()
     data.check_loader()
     check_trainer(cfg)
+    zero_shot.check(cfg, source.modality)
     bad_splits = [s for s in cfg.eval.splits if s not in ("train", "val", "test")]
     if bad_splits:
         raise ConfigError(f"eval.splits: unknown split(s) {', '.join(map(str, bad_splits))} "
@@ -271,7 +273,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
     done = resume.finished_stages(ctx.run_dir, stages)   # [] unless continuing a run
     dense_params = count_params(model)
     if not done:  # (a resumed run has these in the finished stages' records)
-        dense = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
+        dense = {**evaluate_splits(model, ctx, "dense/{split}_{metric}"),
+                 **zero_shot.evaluate(model, ctx, "dense/")} if cfg.eval.dense else {}
         ctx.log({**dense, "params/dense": dense_params})
     if any(getattr(s, "needs_dense_copy", False) for s in stages[len(done):]):
         ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -294,7 +297,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
-    final = evaluate_splits(model, ctx, "{split}/{metric}")
+    final = {**evaluate_splits(model, ctx, "{split}/{metric}"), **zero_shot.evaluate(model, ctx)}
     params = count_params(model)
     ctx.log({**final, "params/compressed": params,
              "params/ratio": 1 - params / dense_params,
