@@ -320,6 +320,7 @@ def write_results(cfg, ctx: RunContext, model: nn.Module, data: TaskDataModule) 
     if cfg.get("save_model", True) and ctx.plan:
         save_compressed(model, ctx.run_dir / "compressed", {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data_spec": data.spec().__dict__, "layers": ctx.plan})
+            "data_spec": data.spec().__dict__, "layers": ctx.plan},
+            getattr(data, "shared_tokenizer", lambda: None)())
     metrics = {k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | str)}
     atomic_write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))

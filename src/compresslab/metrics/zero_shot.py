@@ -210,18 +210,6 @@ def task_files(tasks: list[str], cache: Path) -> list[Path]:
 
 # -- evaluation ----------------------------------------------------------------------------------
 
-def hf_tokenizer(tokenizer):
-    """A transformers tokenizer for lm-eval: the run's own, or its ``tokenizers`` object
-    wrapped as a ``PreTrainedTokenizerFast`` (end-of-text token as EOS and padding)."""
-    if not tokenizer.__class__.__module__.startswith("tokenizers"):
-        return tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from compresslab.data.text import EOS
-
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
-
-
 @contextmanager
 def offline():
     """The HF hub and datasets switched off for the block (nothing is downloaded)."""
@@ -261,12 +249,15 @@ def run_tasks(model: nn.Module, tokenizer, files: list[Path], limit=None, batch_
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from compresslab.data.text import transformers_tokenizer
+
     names = [str(_read_task_yaml(f)["task"]) for f in files]
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     with offline():
         manager = TaskManager(include_path=sorted({str(f.parent) for f in files}),
                               include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(tokenizer), batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=transformers_tokenizer(tokenizer),
+                  batch_size=batch_size)
         out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                               num_fewshot=num_fewshot, log_samples=False,
                               bootstrap_iters=100, verbosity="ERROR")
