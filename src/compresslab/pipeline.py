@@ -39,6 +39,7 @@ from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
 from compresslab.metrics import zero_shot
+from compresslab.metrics.cost import CompressionCost
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
@@ -284,6 +285,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         ctx.last_saved = done[-1]["folder"]
         log.info("resuming after stage %s (%s)", done[-1]["stage"], ctx.last_saved)
 
+    cost = CompressionCost()   # wall time and peak RSS of the stages (this attempt's)
     for index, stage in enumerate(stages):
         if index < len(done):
             continue  # finished in an earlier attempt
@@ -297,6 +299,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
+    ctx.log(cost.metrics())
     final = {**evaluate_splits(model, ctx, "{split}/{metric}"), **zero_shot.evaluate(model, ctx)}
     params = count_params(model)
     ctx.log({**final, "params/compressed": params,
