@@ -72,10 +72,10 @@ def run_one(run_dir: Path, overrides: list[str]) -> None:
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def sweep(out: Path, quick: bool = False, extra: list[str] | None = None) -> list[str]:
-    """Every run not finished yet; returns the folders of the runs that failed."""
+def sweep(out: Path, plan: dict, extra: list[str] | None = None) -> list[str]:
+    """Every run of ``plan`` not finished yet; returns the folders of the runs that failed."""
     failed = []
-    for run_dir, overrides in jobs(load_plan(quick), out, list(extra or [])):
+    for run_dir, overrides in jobs(plan, out, list(extra or [])):
         if (run_dir / "metrics.json").is_file():
             print(f"= {run_dir} already finished", flush=True)
             continue
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the smoke variant")
     parser.add_argument("extra", nargs="*", help="overrides passed to every run")
     args = parser.parse_args(argv)
-    failed = sweep(Path(args.out), args.quick, args.extra)
+    failed = sweep(Path(args.out), load_plan(args.quick), args.extra)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 0

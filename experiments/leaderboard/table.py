@@ -21,10 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sweep import load_plan  # noqa: E402
-
-from compresslab.report import collect_runs, fmt, lookup, markdown_table  # noqa: E402
+from compresslab.report import collect_runs, fmt, lookup, markdown_table
 
 QUALITY = {"pycode": ("test/ppl", "test perplexity", False),   # (key, label, higher is better)
            "digits": ("test/acc", "test accuracy", True)}
@@ -196,8 +193,20 @@ def plot(settings: dict, speed: dict, plan: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def render(runs_dir: Path, tables: Path, quick: bool, retime: bool = False) -> Path:
-    plan = load_plan(quick)
+def load_plan(quick: bool) -> dict:
+    """sweep.py's :func:`load_plan` (the leaderboard's rows, budgets and settings)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("leaderboard_sweep",
+                                                  Path(__file__).with_name("sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep.load_plan(quick)
+
+
+def render(runs_dir: Path, tables: Path, quick: bool, retime: bool = False,
+           plan: dict | None = None) -> Path:
+    plan = plan or load_plan(quick)
     records = collect_runs(runs_dir)
     if not records:
         raise SystemExit(f"error: no finished runs below {runs_dir}")

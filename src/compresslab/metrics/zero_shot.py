@@ -213,8 +213,7 @@ def task_files(tasks: list[str], cache: Path) -> list[Path]:
 @contextmanager
 def offline():
     """The HF hub and datasets switched off for the block (nothing is downloaded)."""
-    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
-            "TQDM_DISABLE")   # lm-eval's per-request progress bars too
+    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
     before = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
     try:
