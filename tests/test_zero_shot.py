@@ -38,6 +38,11 @@ def test_embedded_task_items_are_true_continuations(task_file):
         assert row["context"].endswith("\n")
         true = row["context"] + choices[row["label"]] + "\n"
         assert any(true in text for text in test_texts)
+        length = len(choices[row["label"]])
+        assert all(abs(len(c) - length) <= max(3, length // 10) for c in choices)
+    shortest = sum(min(range(len(r["choices"])), key=lambda i: len(r["choices"][i]))
+                   == r["label"] for r in rows)
+    assert shortest < 0.4 * len(rows)   # "pick the shortest line" is no strategy
     labels = {row["label"] for row in rows}
     assert labels == set(range(zero_shot.NEXT_LINE_CHOICES))   # the answer's place varies
     # generated once: a second call reuses the folder

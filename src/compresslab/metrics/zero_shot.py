@@ -33,7 +33,7 @@ from compresslab.errors import ConfigError
 
 FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 NEXT_LINE_TASK = "pycode_next_line"
-NEXT_LINE_VERSION = 1
+NEXT_LINE_VERSION = 2       # 2: distractors of the true line's length
 NEXT_LINE_CHOICES = 4       # the true line and three distractors
 NEXT_LINE_CONTEXT = 4       # lines of code before the one to pick
 NEXT_LINE_ITEMS = 200
@@ -63,8 +63,8 @@ def _candidate_lines(text: str) -> list[int]:
 
 def next_line_items(files: list[Path], count: int, seed: int = 0) -> list[dict[str, Any]]:
     """``count`` multiple-choice items: ``context`` (the lines before, ending in a newline),
-    ``choices`` (the true next line and distractor lines from other places, all distinct)
-    and ``label`` (the index of the true line)."""
+    ``choices`` (the true next line and distractor lines of about its length from other
+    places, all distinct) and ``label`` (the index of the true line)."""
     rng = random.Random(seed)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     places = [(f, i) for f, text in enumerate(texts) for i in _candidate_lines(text)]
@@ -72,15 +72,18 @@ def next_line_items(files: list[Path], count: int, seed: int = 0) -> list[dict[s
         raise ConfigError(f"lm_eval task {NEXT_LINE_TASK}: only {len(places)} usable lines "
                           f"in {len(files)} files")
     lines = [t.splitlines() for t in texts]
-    pool = [lines[f][i] for f, i in places]
+    by_length: dict[int, list[str]] = {}
+    for f, i in places:
+        by_length.setdefault(len(lines[f][i]), []).append(lines[f][i])
     items = []
     for f, i in rng.sample(places, count):
         true = lines[f][i]
-        distractors: list[str] = []
-        while len(distractors) < NEXT_LINE_CHOICES - 1:
-            line = rng.choice(pool)
-            if line.strip() != true.strip() and line not in distractors:
-                distractors.append(line)
+        # distractors of about the true line's length: a summed log-likelihood favours
+        # short lines, and the answer must not be "the shortest one"
+        width = max(3, len(true) // 10)
+        pool = sorted({line for n in range(len(true) - width, len(true) + width + 1)
+                       for line in by_length.get(n, []) if line.strip() != true.strip()})
+        distractors = rng.sample(pool, NEXT_LINE_CHOICES - 1)
         label = rng.randrange(NEXT_LINE_CHOICES)
         choices = distractors[:label] + [true] + distractors[label:]
         context = "\n".join(lines[f][i - NEXT_LINE_CONTEXT:i]) + "\n"
