@@ -112,3 +112,27 @@ def test_compression_cost_sees_an_allocation():
     if not metrics["cost/peak_rss_reset"]:
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert metrics["cost/peak_rss_increase_bytes"] >= 60 * 1024 * 1024
+
+
+def test_leaderboard_runs_leave_the_framework(board, tmp_path):
+    """A pruned LLaMA of the board exports to a folder plain transformers loads with the same
+    logits; a pruned ViT is refused (timm has no per-layer sizes), leaving nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compresslab import load_compressed
+    from compresslab.errors import ConfigError
+    from compresslab.export import export
+
+    out = board[0] / "runs"
+    folder = out / "llama_tiny" / "wanda_prune" / "r0.3" / "compressed"
+    info = export(folder, tmp_path / "llama")
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", trust_remote_code=info["trust_remote_code"]).eval()
+    model = load_compressed(folder)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="timm has no per-layer sizes"):
+        export(out / "vit_tiny" / "wanda_prune" / "r0.3" / "compressed", tmp_path / "vit")
+    assert not (tmp_path / "vit").exists() and not (tmp_path / "vit.tmp").exists()

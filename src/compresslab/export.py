@@ -118,8 +118,13 @@ def uniform_sizes(model: nn.Module, layers: dict[str, dict]) -> dict[str, int] |
     if len(sizes) != 1:
         return None
     mlp, heads, kv = sizes.pop()
-    return {"intermediate_size": mlp, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "head_dim": head_dim}
+    changes = {"intermediate_size": mlp, "num_attention_heads": heads,
+               "num_key_value_heads": kv, "head_dim": head_dim}
+    try:   # transformers may refuse the sizes (e.g. hidden size not a multiple of the heads)
+        type(config)(**{**config.to_dict(), **changes})
+    except Exception:  # noqa: BLE001  (validators raise ValueError or hub dataclass errors)
+        return None
+    return changes
 
 
 def save_hf(model, out: Path, config_changes: dict[str, Any]) -> None:
