@@ -39,6 +39,8 @@ from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
 from compresslab.matrix import check_pair
+from compresslab.metrics import zero_shot
+from compresslab.metrics.cost import CompressionCost
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
@@ -102,6 +104,7 @@ def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
     data.check()
     data.check_loader()
     check_trainer(cfg)
+    zero_shot.check(cfg, source.modality)
     bad_splits = [s for s in cfg.eval.splits if s not in ("train", "val", "test")]
     if bad_splits:
         raise ConfigError(f"eval.splits: unknown split(s) {', '.join(map(str, bad_splits))} "
@@ -276,7 +279,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
     done = resume.finished_stages(ctx.run_dir, stages)   # [] unless continuing a run
     dense_params = count_params(model)
     if not done:  # (a resumed run has these in the finished stages' records)
-        dense = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
+        dense = {**evaluate_splits(model, ctx, "dense/{split}_{metric}"),
+                 **zero_shot.evaluate(model, ctx, "dense/")} if cfg.eval.dense else {}
         ctx.log({**dense, "params/dense": dense_params})
     if any(getattr(s, "needs_dense_copy", False) for s in stages[len(done):]):
         ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -286,6 +290,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         ctx.last_saved = done[-1]["folder"]
         log.info("resuming after stage %s (%s)", done[-1]["stage"], ctx.last_saved)
 
+    cost = CompressionCost()   # wall time and peak RSS of the stages (this attempt's)
     for index, stage in enumerate(stages):
         if index < len(done):
             continue  # finished in an earlier attempt
@@ -299,7 +304,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
-    final = evaluate_splits(model, ctx, "{split}/{metric}")
+    ctx.log(cost.metrics())
+    final = {**evaluate_splits(model, ctx, "{split}/{metric}"), **zero_shot.evaluate(model, ctx)}
     params = count_params(model)
     ctx.log({**final, "params/compressed": params,
              "params/ratio": 1 - params / dense_params,
@@ -323,6 +329,7 @@ def write_results(cfg, ctx: RunContext, model: nn.Module, data: TaskDataModule) 
     if cfg.get("save_model", True) and ctx.plan:
         save_compressed(model, ctx.run_dir / "compressed", {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data_spec": data.spec().__dict__, "layers": ctx.plan})
+            "data_spec": data.spec().__dict__, "layers": ctx.plan},
+            getattr(data, "shared_tokenizer", lambda: None)())
     metrics = {k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | str)}
     atomic_write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))
