@@ -57,8 +57,9 @@ def comparison(runs: dict, metric: str) -> tuple[list[str], list[list], list[str
 
 
 def details(runs: dict, metric: str) -> tuple[list[str], list[list]]:
-    header = ["variant", "target", f"val {metric}", f"test {metric}", "parameters", "prunable removed",
-              "latency ms (dense)", "speedup", "CPU ms (dense)", "CPU speedup", "sample acc"]
+    header = ["variant", "target", f"val {metric}", f"test {metric}", "parameters",
+              "prunable removed", "latency ms (dense)", "speedup", "CPU ms (dense)",
+              "CPU speedup", "sample acc"]
     rows = []
     for (variant, ratio), rec in sorted(runs.items(), key=lambda kv: (
             kv[0][1] or 0, list(LABELS).index(kv[0][0]) if kv[0][0] in LABELS else 99)):
