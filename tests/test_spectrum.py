@@ -389,6 +389,17 @@ def test_unknown_spectrum_rule_fails_before_work(shared_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_calibration_inputs_exit_2_before_any_work(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(["method=svd_llm", "method.calibration.inputs=teacher", *TINY_LLAMA,
+                      f"paths.root={tmp_path}", "logger=none", f"hydra.run.dir={tmp_path}/run"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "calibration.inputs must be dense | compressed" in lines[0]
+    assert not (tmp_path / "base").exists()
+
+
 def test_spectrum_budget_is_what_the_rounded_svd_family_ranks_keep():
     """Spectrum gets the very budget of the SVD-family rows, which round ranks to
     multiples of 8 within a slack: on wide layers the unrounded budget would be larger."""
