@@ -43,3 +43,25 @@ def test_table_shows_val_budget_and_calibration_inputs(tmp_path):
                     "| 0.4 | 0.41 | 0.41 | 0.415 |",        # achieved ratio
                     "| 0.4 | 1200 | 1200 | 1190 |"], rows  # parameters kept
     assert "svd -, svd_llm dense, spectrum compressed" in text
+
+
+def test_val_checks_table_lists_val_beside_test(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments" / "spectrum"))
+    try:
+        import val_checks
+    finally:
+        sys.path.pop(0)
+    for variant, ratio, val, test in (("svd_llm-dense", 0.8, 2.0, 3.0),
+                                      ("spectrum-soft", 0.6, 1.5, 1.25)):
+        run = tmp_path / f"{variant}-r{ratio}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+            {"variant": variant, "method": {"ratio": ratio}}))
+        (run / "metrics.json").write_text(json.dumps({"val/ppl": val, "test/ppl": test}))
+    rows = [line for line in val_checks.table(tmp_path).splitlines()
+            if line.startswith("| ") and "variant" not in line]
+    assert rows == ["| spectrum, search_forward soft | 0.6 | 1.5 | 1.25 |",
+                    "| svd_llm, inputs dense | 0.8 | 2 | 3 |"]
+    # finished runs are not run again (re-running resumes a sweep)
+    val_checks.run_all(tmp_path / "none", [], [])
+    assert len(val_checks.VARIANTS) == 4

@@ -19,26 +19,29 @@ from pathlib import Path
 from compresslab.report import collect_runs, fmt, lookup, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
+#: variant (names the run) -> (table label, overrides)
 VARIANTS = {
-    "svd_llm inputs=dense": ["method=svd_llm", "method.calibration.inputs=dense"],
-    "svd_llm inputs=compressed": ["method=svd_llm", "method.calibration.inputs=compressed"],
-    "spectrum search_forward=hard": ["method=spectrum",
-                                     "method.stages.spectrum.search_forward=hard"],
-    "spectrum search_forward=soft": ["method=spectrum",
-                                     "method.stages.spectrum.search_forward=soft"],
+    "svd_llm-dense": ("svd_llm, inputs dense", ["method=svd_llm",
+                                                "method.calibration.inputs=dense"]),
+    "svd_llm-compressed": ("svd_llm, inputs compressed",
+                           ["method=svd_llm", "method.calibration.inputs=compressed"]),
+    "spectrum-hard": ("spectrum, search_forward hard",
+                      ["method=spectrum", "method.stages.spectrum.search_forward=hard"]),
+    "spectrum-soft": ("spectrum, search_forward soft",
+                      ["method=spectrum", "method.stages.spectrum.search_forward=soft"]),
 }
 COMMON = ["experiment=spectrum", "logger=csv", "threads=1", "save_model=false"]
 
 
 def run_all(out: Path, ratios: list[float], extra: list[str]) -> None:
     env = {**os.environ, "WANDB_SILENT": "true"}
-    for label, overrides in VARIANTS.items():
+    for variant, (_, overrides) in VARIANTS.items():
         for ratio in ratios:
-            folder = out / f"{label.replace(' ', '_')}-r{ratio}"
+            folder = out / f"{variant}-r{ratio}"
             if (folder / "metrics.json").is_file():
                 continue                                   # finished: re-running resumes
             cmd = [sys.executable, str(REPO / "run.py"), *COMMON, *overrides,
-                   f"method.ratio={ratio}", f"+variant={label.replace(' ', '_')}", *extra,
+                   f"method.ratio={ratio}", f"+variant={variant}", *extra,
                    f"hydra.run.dir={folder}"]
             print("+", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
@@ -48,7 +51,8 @@ def table(out: Path) -> str:
     rows = []
     for rec in sorted(collect_runs(out), key=lambda r: (lookup(r, "variant"),
                                                          lookup(r, "method.ratio"))):
-        rows.append([lookup(rec, "variant").replace("_", " "), lookup(rec, "method.ratio"),
+        label = VARIANTS.get(lookup(rec, "variant"), (lookup(rec, "variant"),))[0]
+        rows.append([label, lookup(rec, "method.ratio"),
                      fmt(lookup(rec, "val/ppl")), fmt(lookup(rec, "test/ppl"))])
     return (f"# Spectrum-table decisions on val\n\nRuns: `{out}`.\n\n"
             + markdown_table(["variant", "ratio", "val ppl", "test ppl"], rows))
