@@ -119,3 +119,15 @@ def test_family_names_load_local_checkpoints_when_given(tmp_path):
 
     assert model_identity(compose_cfg(["model=llama_tiny"], tmp_path)) == \
         model_identity(compose_cfg(["model=llama"], tmp_path))
+
+
+def test_header_says_the_dataset_follows_the_model(shared_root, tmp_path):
+    """``python run.py model=vit`` (no dataset=): the header names digits and why."""
+    from conftest import read_metrics, run_cli
+
+    vit = [a for a in FAMILY_ARGS["vit"] if a != "model=vit"]
+    result = run_cli(["method=none", "model=vit", *vit, "logger=none", "progress=false",
+                      f"paths.root={shared_root}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dataset: digits (the default dataset of model=vit)" in result.stdout
+    assert "test/acc" in read_metrics(tmp_path / "run")
