@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-demo: install ## the main job: svd at ratio 0.4 on llama_tiny/pycode, dense vs compressed table
-	$(BIN)/python run.py method=svd model=llama_tiny dataset=pycode method.ratio=0.4
+demo: install ## the main job: svd at ratio 0.4 on the embedded LLaMA (pycode), dense vs compressed table
+	$(BIN)/python run.py method=svd model=llama method.ratio=0.4
 
 test: install ## the fast test suite (under 10 minutes on 2 cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
@@ -36,9 +36,9 @@ lint: install ## ruff over the package, tests and entry point
 format: install ## ruff's import sorting and fixes
 	$(BIN)/ruff check --fix src tests run.py
 
-base-models: install ## pre-train and cache the embedded base models (llama_tiny, vit_tiny)
-	$(BIN)/python run.py method=none model=llama_tiny dataset=pycode logger=csv
-	$(BIN)/python run.py method=none model=vit_tiny dataset=digits logger=csv
+base-models: install ## pre-train and cache the embedded base models (llama, vit)
+	$(BIN)/python run.py method=none model=llama logger=csv
+	$(BIN)/python run.py method=none model=vit logger=csv
 
 dln-demo: install ## deep linear network on matrix factorization (spec settings, 1e5 GD steps)
 	$(BIN)/python run.py experiment=dln_factorization

@@ -1,6 +1,6 @@
 """Every bad input gets one clear line and exit code 2 before any work starts.
 
-Each row of the README's bad-input table is a case of :data:`TABLE` (same order): the
+Each row of the bad-input table (docs/bad_inputs.md) is a case of :data:`TABLE` (same order): the
 command line ``run.py`` gets, the exit code, and the key phrase of the message. The CLI
 runs in this process (``run.py``'s own ``main``, as the script calls it), so a case costs
 about a second; one case also runs as a real subprocess.
@@ -146,16 +146,18 @@ TABLE = {
     "unknown eval split": (["eval.splits=[dev]"], 2, "eval.splits: unknown split(s) dev"),
     "GPU trainer without GPU": (["trainer=gpu"], 2, "torch finds no GPU here"),
     "FSDP trainer without GPU": (["trainer=fsdp"], 2, "torch finds no GPU here"),
-    "model/dataset mismatch": (["model=vit_tiny", "dataset=pycode"], 2,
-                               "model=vit_tiny (image) cannot run on dataset=pycode (text)"),
-    "matrix rank too large": (["model=dln", "dataset=matrix_factorization", "method=none",
+    "model/dataset mismatch": (["model=vit", "dataset=pycode"], 2,
+                               "model=vit (image) cannot run on dataset=pycode (text)"),
+    "pair outside the matrix": (["model=dln", "method=pela"], 2,
+                                "method=pela does not run on model=dln (family dln); it runs "
+                                "on model=llama, model=vit, model=ar_image"),
+    "matrix rank too large": (["model=dln", "dataset=matrix_factorization", "method=dln_original",
                                "dataset.datamodule.r=80"], 2, "must be in [1, d/2]"),
     # -- paths -------------------------------------------------------------------------------
     "missing checkpoint": (["model=llama", "model.path=/no/such/ckpt"], 2,
                            "model=llama path does not exist: /no/such/ckpt"),
     "checkpoint without config": (["model=llama", f"model.path={FILES}/no_config"], 2,
                                   "has no config.json"),
-    "vit without weights": (VIT, 2, "needs a local weights file"),
     "vit weights missing": ([*VIT, "model.weights=/no/such.safetensors"], 2,
                             "model=vit weights file does not exist"),
     "text_files without paths": (["dataset=text_files"], 2, "needs dataset.train="),
@@ -275,9 +277,9 @@ def test_bad_input_table(case, run_py, files, shared_root, tmp_path, monkeypatch
 
 
 def test_table_matches_readme():
-    """Every row of the README table has a case here and every case a row."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    """Every row of the table in docs/bad_inputs.md has a case here and every case a row."""
+    readme = (REPO / "docs" / "bad_inputs.md").read_text()
+    section = readme.split("# Bad input", 1)[1].split("\n## ", 1)[0]
     table = section[section.index("| input |"):].split("\n\n", 1)[0]
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     assert len(rows) == len(TABLE), (len(rows), len(TABLE))

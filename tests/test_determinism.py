@@ -39,8 +39,9 @@ def test_same_config_and_seed_give_the_same_metrics(family, shared_root, tmp_pat
     assert reproducible_metrics(a) == reproducible_metrics(b)
     assert len(reproducible_metrics(a)) > 5
     dropped = set(a) - set(reproducible_metrics(a))
-    # only timings and the cache flag are dropped
+    # only timings, memory peaks (cost/*) and the cache flag are dropped
     assert all(k == "base/cached" or "time" in k or k.endswith("_ms") or "speedup" in k
+               or k.startswith("cost/")
                or "seconds_to" in k or k.endswith("ms_per_step") or k.startswith("base_pretrain/")
                for k in dropped), dropped
 
@@ -48,7 +49,8 @@ def test_same_config_and_seed_give_the_same_metrics(family, shared_root, tmp_pat
 def test_the_rule_names_exactly_the_timing_and_cache_keys():
     timing = ["time/total_s", "compress/time_s", "train/gd_time_s", "prune/latency_ms",
               "prune/cpu_dense_ms", "prune/speedup", "prune/cpu_speedup", "train/ms_per_step",
-              "train/seconds_to_recovery_mse_1e-10", "base/cached", "base_pretrain/steps"]
+              "train/seconds_to_recovery_mse_1e-10", "base/cached", "base_pretrain/steps",
+              "cost/stages_s", "cost/peak_rss_bytes", "cost/peak_rss_increase_bytes"]
     kept = ["test/ppl", "dense/test_ppl", "compress/params_ratio", "prune/heads_layer0",
             "train/steps_to_recovery_mse_1e-10", "train/learn_step_s0", "pretrain/steps",
             "spectrum/rank/model.layers.0.mlp.up_proj", "base/test/ppl", "finetune/val_loss"]

@@ -1,4 +1,4 @@
-"""Width-reduced deep linear networks (specs/dln.md): data, spectral init, GD, diagnostics."""
+"""Width-reduced deep linear networks (docs/dln.md): data, spectral init, GD, diagnostics."""
 
 import json
 import math

@@ -109,8 +109,11 @@ def test_scaled_svds_with_all_zero_statistics_fall_back_to_plain_svd():
     w = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
     zero_fisher = FisherWeightedSVD()(w, 2, "l", torch.zeros(6))
     zero_acts = ActivationAwareSVD()(w, 2, "l", layer_inputs(torch.zeros(3, 5)))
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    plain = (u[:, :2] * s[:2]) @ vh[:2]          # the best rank-2 approximation
     for left, right in (zero_fisher, zero_acts):
         assert finite(left) and finite(right)
+        torch.testing.assert_close((left @ right).double(), plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("newton", [0, 5])

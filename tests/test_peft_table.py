@@ -51,10 +51,10 @@ def test_table_rows_note_curves_and_retarget(tmp_path):
     assert "1 operation(s) on numbers up to 9; 4000 train / 400 test problems" in text
     lines = [line for line in text.splitlines() if line.startswith("| ") and "row" not in line]
     assert lines == [
-        "| lora_r4 | 1 | 1000 | 0.35 | - | 0/1 | 0.01 | 0.5 |",
-        "| soka_tau0.5 | 2 | 750 | 0.35 ± 0.071 | 26 | 2/2 | 0.01 | 0.5 |",
+        "| lora_r4 | 1 | 1000 | - | 0.35 | - | 0/1 | 0.01 | 0.5 |",
+        "| soka_tau0.5 | 2 | 750 | - | 0.35 ± 0.071 | 26 | 2/2 | 0.01 | 0.5 |",
     ]
     assert (tables / "peft_loss.png").stat().st_size > 0
     text = table(runs, tables, "--target", "0.85")    # from the saved curves
-    assert "| lora_r4 | 1 | 1000 | 0.35 | 76 | 1/1 |" in text
-    assert "| soka_tau0.5 | 2 | 750 | 0.35 ± 0.071 | 16 | 2/2 |" in text
+    assert "| lora_r4 | 1 | 1000 | - | 0.35 | 76 | 1/1 |" in text
+    assert "| soka_tau0.5 | 2 | 750 | - | 0.35 ± 0.071 | 16 | 2/2 |" in text

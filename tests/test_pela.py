@@ -12,9 +12,11 @@ from compresslab.compress.pela import (
     Frobenius,
     MaxEntry,
     feature_distillation_loss,
+    rank_from_c,
     ratio_from_c,
     weight_perturbation_loss,
 )
+from compresslab.compress.ratio import rank_for_ratio
 from compresslab.compress.svd import PlainSVD
 from compresslab.errors import ConfigError
 from compresslab.models.adapters import adapter_for
@@ -82,6 +84,36 @@ def test_decomposition_keeps_omitted_and_narrow_layers_dense():
 def test_pela_c_maps_to_ratio():
     assert ratio_from_c(2.0) == pytest.approx(0.5)
     assert ratio_from_c(1.5) == pytest.approx(1 / 3)
+
+
+def test_rank_from_c_is_the_authors_integer_division():
+    # 288 x 96 (a 96-wide ViT's qkv): 27648 // (3 * 384) = 24; the float route gives 23
+    assert rank_from_c(96, 288, 3) == 24 and rank_from_c(96, 288, 6) == 12
+    assert rank_for_ratio(96, 288, ratio_from_c(3)) == 23
+    assert rank_from_c(32, 128, 2.5) == 4096 // 400     # 10, a fractional c stays exact
+    with pytest.raises(ConfigError, match="larger than 1"):
+        rank_from_c(32, 32, 1)
+
+
+def test_decompose_with_c_uses_the_authors_rank():
+    model, ctx = decompose(tiny_vit(), c=3)   # width 32: qkv 96x32, proj 32x32, fc1/fc2 128
+    ranks = {name.split(".")[-1]: entry["rank"] for name, entry in ctx.plan.items()}
+    assert ranks == {"qkv": 96 * 32 // (3 * 128), "proj": 32 * 32 // (3 * 64),
+                     "fc1": 128 * 32 // (3 * 160), "fc2": 128 * 32 // (3 * 160)}
+    stage = PelaDecomposeStage(PlainSVD(), c=3, rank=4)
+    stage.name = "decompose"
+    with pytest.raises(ConfigError, match="either c or rank"):
+        stage.check(model, ctx)
+
+
+@pytest.mark.parametrize("setting,weight,eps", [("deit", 0.0, 1e-3), ("swin", 1.0, 0.0)])
+def test_wpr_settings_of_the_authors_scripts(setting, weight, eps, tmp_path):
+    from compresslab.stages.pela import PelaPretrainStage
+
+    stage = PelaPretrainStage(wpr_setting=setting, wpr_weight=0.5, wpr_eps=0.5, max_steps=1)
+    assert (stage.wpr_weight, stage.wpr_eps) == (weight, eps)
+    cfg = compose_cfg(["method=pela", f"method.wpr={setting}", *TINY_VIT], tmp_path)
+    assert cfg.method.stages.pretrain.wpr_setting == setting
 
 
 def pela_module(model, teacher, task, **weights):
@@ -229,6 +261,8 @@ def test_pela_bad_option_gets_one_line_and_exit_2(tmp_path):
     ("method.stages.pretrain.features=tokens", "unknown PELA features 'tokens'"),
     ("method.stages.pretrain.fd_weight=-1", "fd_weight must be >= 0"),
     ("method.stages.pretrain.wpr_eps=-0.1", "wpr_eps must be >= 0"),
+    ("method.wpr=vit", "wpr_setting must be deit | swin or null"),
+    ("method.c=1", "c must be larger than 1"),
     ("method.stages.after_decompose.splits=[dev]", "splits must be among train, val, test"),
 ])
 def test_pela_bad_options_fail_before_work(arg, message, tmp_path):

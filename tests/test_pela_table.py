@@ -24,7 +24,8 @@ def test_table_aggregates_rows_over_seeds(tmp_path):
     runs = tmp_path / "runs"
     write_run(runs, "d0", "dense", 0.5, 0, 0.96, 1000, {"finetune": 2.0})
     write_run(runs, "d1", "dense", 0.5, 1, 0.98, 1000, {"finetune": 4.0})
-    write_run(runs, "a0", "lra", 0.5, 0, 0.50, 600, {"decompose": 1.0, "finetune": 2.0})
+    write_run(runs, "a0", "lra", 0.5, 0, 0.50, 600, {"decompose": 1.0, "finetune": 2.0},
+              {"val/acc": 0.55})
     write_run(runs, "b0", "lra_fd_wpr", 0.5, 0, 0.90, 600,
               {"decompose": 1.0, "pretrain": 5.0, "finetune": 2.0},
               {"after_decompose/test_acc": 0.2, "after_pretrain/test_acc": 0.8})
@@ -36,11 +37,11 @@ def test_table_aggregates_rows_over_seeds(tmp_path):
     text = (tmp_path / "tables" / "pela.md").read_text()
     lines = [line for line in text.splitlines() if line.startswith("| vit_tiny")]
     assert lines == [
-        "| vit_tiny / digits | 0.5 | dense | 2 | 1,000 | 0.97 ± 0.014 | 3 ± 1.4 | - | - |",
-        "| vit_tiny / digits | 0.5 | LRA | 1 | 600 | 0.5 | 3 | - | - |",
-        "| vit_tiny / digits | 0.5 | LRA + FD + WPR | 1 | 600 | 0.9 | 8 | 0.2 | 0.8 |",
-        "| vit_tiny / digits | 0.7 | dense | 2 | 1,000 | 0.97 ± 0.014 | 3 ± 1.4 | - | - |",
-        "| vit_tiny / digits | 0.7 | LRA | 1 | 400 | 0.3 | 3 | - | - |",
+        "| vit_tiny / digits | 0.5 | dense | 2 | 1,000 | - | 0.97 ± 0.014 | 3 ± 1.4 | - | - |",
+        "| vit_tiny / digits | 0.5 | LRA | 1 | 600 | 0.55 | 0.5 | 3 | - | - |",
+        "| vit_tiny / digits | 0.5 | LRA + FD + WPR | 1 | 600 | - | 0.9 | 8 | 0.2 | 0.8 |",
+        "| vit_tiny / digits | 0.7 | dense | 2 | 1,000 | - | 0.97 ± 0.014 | 3 ± 1.4 | - | - |",
+        "| vit_tiny / digits | 0.7 | LRA | 1 | 400 | - | 0.3 | 3 | - | - |",
     ]
     assert (tmp_path / "tables" / "pela.png").stat().st_size > 0
 

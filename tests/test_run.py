@@ -30,6 +30,13 @@ def test_run_py_svd_end_to_end(model_args, shared_root, tmp_path):
     assert abs(metrics["compress/params_ratio"] - 0.4) <= 0.01
     assert metrics["params/compressed"] < metrics["params/dense"]
     assert "dense vs compressed" in result.stdout
+    # the header and run_info.json say which dataset and base model were used, and why
+    dataset = "pycode" if "dataset=pycode" in model_args else "digits"
+    assert f"dataset: {dataset} (given on the command line)" in result.stdout
+    choices = json.loads((run_dir / "run_info.json").read_text())["choices"]
+    assert choices["dataset"] == dataset
+    assert choices["dataset_reason"] == "given on the command line"
+    assert choices["base_model"].startswith("embedded model")
     # the same keys went to the logger
     logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert f"test/{metric}" in logged and "compress/params_ratio" in logged

@@ -42,10 +42,8 @@ CONFIGS = REPO / "configs"
 
 from compresslab.metrics.speed import (  # noqa: E402
     TensorMemory,
-    calls_for,
     count_flops,
     current_rss_bytes,
-    interleaved_times,
     median,
     paired_speedup,
     param_bytes,
@@ -53,6 +51,7 @@ from compresslab.metrics.speed import (  # noqa: E402
     peak_rss_bytes,
     ratio,
 )
+from compresslab.metrics.speed import timed_in_turns as timed  # noqa: E402
 
 LOWRANK_RATIOS = (0.2, 0.4, 0.5, 0.6)
 PRUNE_RATIOS = (0.2, 0.3)
@@ -310,16 +309,6 @@ def generate_fn(model, prompt, new_tokens):
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        use_cache=True, pad_token_id=0, eos_token_id=None)
     return run
-
-
-def timed(fns: dict, repeats: int, device, target_s: float = 0.25) -> dict:
-    """Interleaved timings; calls per sample chosen from one untimed call of each."""
-    calls = {}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        fn()
-        calls[name] = calls_for(time.perf_counter() - start, target_s)
-    return interleaved_times(fns, repeats, calls=calls, warmup=0, device=device)
 
 
 def summarise(times: dict, per_call: float) -> dict:

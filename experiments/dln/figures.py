@@ -1,4 +1,4 @@
-"""``make fig-dln``: the width-reduced deep linear network figures and table (specs/dln.md).
+"""``make fig-dln``: the width-reduced deep linear network figures and table (docs/dln.md).
 
 Runs every configuration below through ``run.py`` (one folder each under
 ``--runs``; a finished folder is reused), then draws from the runs' per-step
@@ -287,7 +287,7 @@ def main() -> None:
     depths = section(depth_figure, args.runs, args.out)
     incremental = section(incremental_figure, args.runs, args.out)
     nonlinear = section(nonlinear_rows, args.runs)
-    text = ["# Width-reduced deep linear networks (specs/dln.md)\n",
+    text = ["# Width-reduced deep linear networks (docs/dln.md)\n",
             "GD seconds: time inside the gradient steps only (1 CPU thread, shared machine).\n",
             "Iterations: until the training loss is below the stop (completion, sensing: "
             "1e-12) or the step budget. 'to 1e-10': first iteration / GD seconds with "

@@ -1,4 +1,4 @@
-# Width-reduced deep linear networks (specs/dln.md, docs/dln.md)
+# Width-reduced deep linear networks (docs/dln.md)
 .PHONY: fig-dln
 
 fig-dln: install ## DLN paper: problem curves, alpha/depth ablations, incremental learning -> outputs/tables/dln*

@@ -57,14 +57,16 @@ def comparison(runs: dict, metric: str) -> tuple[list[str], list[list], list[str
 
 
 def details(runs: dict, metric: str) -> tuple[list[str], list[list]]:
-    header = ["variant", "target", f"test {metric}", "parameters", "prunable removed",
-              "latency ms (dense)", "speedup", "CPU ms (dense)", "CPU speedup", "sample acc"]
+    header = ["variant", "target", f"val {metric}", f"test {metric}", "parameters",
+              "prunable removed", "latency ms (dense)", "speedup", "CPU ms (dense)",
+              "CPU speedup", "sample acc"]
     rows = []
     for (variant, ratio), rec in sorted(runs.items(), key=lambda kv: (
             kv[0][1] or 0, list(LABELS).index(kv[0][0]) if kv[0][0] in LABELS else 99)):
         m = rec["metrics"]
         acc = m.get("samples/classifier_acc")
         rows.append([LABELS.get(variant, variant), "-" if ratio is None else f"{ratio:.0%}",
+                     fmt(m[f"val/{metric}"]) if f"val/{metric}" in m else "-",
                      fmt(m.get(f"test/{metric}")), m.get("params/compressed", "-"),
                      fmt(m.get("prune/params_ratio", 0.0)),
                      f"{fmt(m['prune/latency_ms'], 3)} ({fmt(m['prune/latency_dense_ms'], 3)})"

@@ -1,4 +1,4 @@
-# Numerical pruning (specs/numerical_pruning.md, docs/numerical_pruning.md).
+# Numerical pruning (docs/numerical_pruning.md).
 # NUMPRUNE_RUNS: the sweep folder (finished runs are skipped, so re-running resumes);
 # NUMPRUNE_ARGS: sweep.py options, e.g. NUMPRUNE_ARGS="--models ar_image --ratios 0.2,0.3".
 NUMPRUNE_RUNS ?= outputs/numprune_runs/main

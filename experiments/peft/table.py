@@ -2,7 +2,7 @@
 
     python experiments/peft/table.py --runs outputs/peft_runs/main
 
-Writes ``<tables>/peft.md`` (trainable parameters, test exact match, steps to the target
+Writes ``<tables>/peft.md`` (trainable parameters, val and test exact match, steps to the target
 loss, gradient-norm variance; mean ± std over seeds) and ``<tables>/peft_loss.png``
 (mean smoothed training loss per row).
 """
@@ -17,9 +17,10 @@ from compresslab.report import aggregate, collect_runs, fmt, fmt_mean_std, line_
 
 ORDER = ["lora_r1", "lora_r2", "lora_r4", "pissa_r1", "pissa_r2", "pissa_r4", "lokr",
          "soka_tau0.1", "soka_tau0.5", "soka_tau0.9"]
-METRICS = ["trainable/params", "test/exact_match", "finetune/steps_to_target",
+METRICS = ["trainable/params", "val/exact_match", "test/exact_match", "finetune/steps_to_target",
            "finetune/target_reached", "finetune/grad_norm_var", "finetune/grad_norm_mean"]
-HEADER = ["row", "seeds", "trainable params", "test exact match", "steps to target loss",
+HEADER = ["row", "seeds", "trainable params", "val exact match", "test exact match",
+          "steps to target loss",
           "reached", "grad-norm variance", "grad-norm mean"]
 
 
@@ -33,6 +34,7 @@ def table_rows(records: list[dict]) -> list[list]:
         params = group["trainable/params"]
         reached = group["finetune/target_reached"]
         rows.append([group["row"], group["n"], fmt(int(params[0])) if params else "-",
+                     fmt_mean_std(group["val/exact_match"], 3),
                      fmt_mean_std(group["test/exact_match"], 3),
                      fmt_mean_std(group["finetune/steps_to_target"], 3),
                      f"{round(reached[0] * group['n'])}/{group['n']}" if reached else "-",

@@ -1,4 +1,4 @@
-# SoKA vs LoRA / PiSSA / LoKr (specs/soka.md, docs/soka.md). PEFT_RUNS: the sweep folder
+# SoKA vs LoRA / PiSSA / LoKr (docs/soka.md). PEFT_RUNS: the sweep folder
 # (finished rows are skipped, so re-running resumes); PEFT_ARGS: sweep.py options, e.g.
 # PEFT_ARGS="--seeds 0 --rows lora_r4,soka_tau0.5".
 PEFT_RUNS ?= outputs/peft_runs/main

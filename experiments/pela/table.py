@@ -1,5 +1,6 @@
 """PELA ablation table: rows dense | LRA | LRA+fine-tune | LRA+FD | LRA+FD+WPR per model and
-ratio; columns parameters, accuracy or perplexity after the downstream fine-tuning (mean ±
+ratio; columns parameters, val and test accuracy or perplexity after the downstream
+fine-tuning (mean ±
 std over seeds), training time, and the same metric before any training and after the
 intermediate stage.
 
@@ -38,10 +39,12 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     stage_metrics = [f"{stage}/test_{m}" for stage in ("after_decompose", "after_pretrain")
                      for m in ("acc", "ppl")]
     groups = aggregate(records, ["model.name", "dataset.name", "row", "method.ratio"],
-                       ["params/compressed", "test/acc", "test/ppl", "train/time_s",
+                       ["params/compressed", "val/acc", "val/ppl", "test/acc", "test/ppl",
+                        "train/time_s",
                         *stage_metrics])
     by_key = {(g["model.name"], g["row"], g["method.ratio"]): g for g in groups}
-    header = ["model / data", "ratio", "row", "seeds", "parameters", "test acc or ppl",
+    header = ["model / data", "ratio", "row", "seeds", "parameters", "val acc or ppl",
+              "test acc or ppl",
               "train time (s)", "before training", "after intermediate"]
     rows, curves = [], {}
     settings = sorted({(g["model.name"], g["dataset.name"]) for g in groups}, reverse=True)
@@ -58,7 +61,8 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
                     continue
                 rows.append([f"{model} / {dataset}", ratio, label, g["n"],
                              fmt_count(g["params/compressed"]),
-                             fmt_mean_std(g[metric]), fmt_mean_std(g["train/time_s"], 3),
+                             fmt_mean_std(g[f"val/{name}"]), fmt_mean_std(g[metric]),
+                             fmt_mean_std(g["train/time_s"], 3),
                              fmt_mean_std(g[f"after_decompose/test_{name}"]),
                              fmt_mean_std(g[f"after_pretrain/test_{name}"])])
                 if dataset == "digits" and g[metric] is not None:

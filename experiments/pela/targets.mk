@@ -1,4 +1,4 @@
-# PELA (specs/pela.md, docs/pela.md). PELA_RUNS: the sweep folder; PELA_ARGS: sweep.py options.
+# PELA (docs/pela.md). PELA_RUNS: the sweep folder; PELA_ARGS: sweep.py options.
 ifndef PELA_RUNS
 PELA_RUNS := outputs/pela_runs/$(shell date +%Y%m%d-%H%M%S)
 endif

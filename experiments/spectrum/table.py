@@ -1,5 +1,6 @@
-"""SVD-family table: test perplexity per ratio for svd, fwsvd, asvd, svd_llm, spectrum
-beside the dense model, the achieved ratios, and whether the expected order holds.
+"""SVD-family table: val and test perplexity per ratio for svd, fwsvd, asvd, svd_llm,
+spectrum beside the dense model, the parameters each row kept (the same budget for all),
+the calibration inputs each used, and whether the expected order holds.
 
     python experiments/spectrum/table.py --runs outputs/spectrum_runs/<stamp>
 
@@ -13,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from compresslab.report import aggregate, collect_runs, fmt, line_plot, markdown_table
+from compresslab.report import aggregate, collect_runs, fmt, line_plot, lookup, markdown_table
 
 #: svd_llm_ft (SVD-LLM + its factor update) is the trained baseline spectrum must face too:
 #: spectrum trains its gates, so beating untrained svd_llm alone would not be enough
@@ -21,22 +22,39 @@ METHODS = ["svd", "fwsvd", "asvd", "svd_llm", "svd_llm_ft", "spectrum"]
 RATIO_KEY = {"spectrum": "spectrum/params_ratio"}  # others: compress/params_ratio
 
 
-def cells(records: list[dict]) -> tuple[dict, dict, float | None]:
-    """(method, ratio) -> mean test ppl, (method, ratio) -> achieved ratio, dense ppl."""
-    keys = ["test/ppl", "compress/params_ratio", "spectrum/params_ratio", "dense/test_ppl"]
+KEPT_KEY = {"spectrum": "spectrum/params_kept"}   # others: compress/params_kept
+
+
+def cells(records: list[dict], split: str = "test") -> tuple[dict, dict, float | None]:
+    """(method, ratio) -> mean ``split`` ppl, (method, ratio) -> achieved ratio, dense ppl."""
+    key = f"{split}/ppl"
+    keys = [key, "compress/params_ratio", "spectrum/params_ratio"]
     groups = aggregate(records, ["method.name", "method.ratio"], keys)
     ppl, achieved, dense = {}, {}, None
     for g in groups:
         method, ratio = g["method.name"], g["method.ratio"]
         if method == "none":
-            dense = g["test/ppl"][0] if g["test/ppl"] else None
+            dense = g[key][0] if g[key] else None
             continue
-        if g["test/ppl"]:
-            ppl[(method, ratio)] = g["test/ppl"][0]
+        if g[key]:
+            ppl[(method, ratio)] = g[key][0]
         got = g[RATIO_KEY.get(method, "compress/params_ratio")]
         if got:
             achieved[(method, ratio)] = got[0]
     return ppl, achieved, dense
+
+
+def budgets(records: list[dict]) -> tuple[dict, dict]:
+    """(method, ratio) -> parameters kept in the compressed layers; method -> the
+    calibration inputs it used (dense | compressed; "-" without calibration)."""
+    kept, inputs = {}, {}
+    for rec in records:
+        method, ratio = lookup(rec, "method.name"), lookup(rec, "method.ratio")
+        value = lookup(rec, KEPT_KEY.get(method, "compress/params_kept"))
+        if value is not None:
+            kept[(method, ratio)] = int(value)
+        inputs[method] = lookup(rec, "method.calibration.inputs", "-")
+    return kept, inputs
 
 
 def model_label(model_cfg: dict) -> str:
@@ -77,19 +95,33 @@ def main() -> None:
     if not records:
         raise SystemExit(f"error: no finished runs below {args.runs}")
     ppl, achieved, dense = cells(records)
+    val, _, dense_val = cells(records, "val")
+    kept, inputs = budgets(records)
     ratios = sorted({r for _, r in ppl})
     methods = [m for m in METHODS if any((m, r) in ppl for r in ratios)]
     rows = [[r, fmt(dense) if dense else "-", *[ppl.get((m, r), "-") for m in methods]]
             for r in ratios]
+    val_rows = [[r, fmt(dense_val) if dense_val else "-",
+                 *[val.get((m, r), "-") for m in methods]] for r in ratios]
     ratio_rows = [[r, *[achieved.get((m, r), "-") for m in methods]] for r in ratios]
+    kept_rows = [[r, *[kept.get((m, r), "-") for m in methods]] for r in ratios]
     model = model_label(records[0]["cfg"].get("model", {}))
     data = next((rec["cfg"].get("dataset", {}).get("name") for rec in records), "?")
     text = (f"# SVD family vs learned spectrum: {model} on {data}\n\n"
             f"Test perplexity (lower is better); ratio = fraction of the compressed layers' "
             f"weights removed. Runs: `{args.runs}` (W&B group `spectrum`).\n\n"
             + markdown_table(["ratio", "dense", *methods], rows)
+            + "\nValidation perplexity (what choices are made on):\n\n"
+            + (markdown_table(["ratio", "dense", *methods], val_rows) if val else
+               "(no val split evaluated: eval.splits lacks val)\n")
             + "\nAchieved ratio of the compressed layers:\n\n"
             + markdown_table(["ratio", *methods], ratio_rows)
+            + "\nParameters kept in the compressed layers (the budget every row meets; "
+            "spectrum: within one component below it):\n\n"
+            + markdown_table(["ratio", *methods], kept_rows)
+            + "\nCalibration inputs (dense: statistics of the uncompressed model; compressed: "
+            "of the already-compressed prefix): "
+            + ", ".join(f"{m} {inputs.get(m) or '-'}" for m in methods) + "\n"
             + "\nExpected order (svd_llm < asvd < svd, spectrum <= svd_llm):\n\n"
             + "\n".join(order_checks(ppl, ratios)) + "\n")
     out = Path(args.tables)

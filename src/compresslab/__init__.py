@@ -22,6 +22,11 @@ def register_resolvers() -> None:
         # ${tag:r,0.4} -> "-r0.4"; ${tag:r,null} -> "" (optional parts of run names)
         OmegaConf.register_new_resolver(
             "tag", lambda prefix, value: "" if value is None else f"-{prefix}{value}")
+    if not OmegaConf.has_resolver("if_local"):
+        # ${if_local:${model.path},0,900}: the first value with a local checkpoint/weights
+        # file set, the second for the embedded model trained here
+        OmegaConf.register_new_resolver(
+            "if_local", lambda path, local, embedded: local if path else embedded)
     if not OmegaConf.has_resolver("slurm_per_node"):
         # ${slurm_per_node:${trainer.devices}}: GPUs (= tasks) per node for hydra/launcher=slurm
         OmegaConf.register_new_resolver("slurm_per_node", _slurm_per_node)

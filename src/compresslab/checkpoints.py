@@ -190,10 +190,17 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def save_compressed(model: nn.Module, folder: Path, plan: dict[str, Any]) -> Path:
+def save_compressed(model: nn.Module, folder: Path, plan: dict[str, Any],
+                    tokenizer: Any | None = None) -> Path:
+    """The model's tensors, its plan and (when given) its tokenizer as transformers files,
+    which ``python -m compresslab.export`` puts beside an exported model."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_state(model, folder / "model.safetensors")
+    if tokenizer is not None:
+        from compresslab.export import save_tokenizer
+
+        save_tokenizer(tokenizer, folder)
     atomic_write_text(folder / "plan.json", json.dumps({"format": PLAN_FORMAT, **plan},
                                                        indent=1, sort_keys=True))
     return folder
@@ -287,4 +294,9 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
         raise ConfigError(f"{where}: cannot build the model it describes: "
                           f"{str(exc).splitlines()[0]}") from None
     apply_plan(model, plan["layers"])
-    return load_state(model, folder / "model.safetensors").eval()
+    model = load_state(model, folder / "model.safetensors").eval()
+    if plan["layers"]:
+        from compresslab.export import guard_save
+
+        guard_save(model)
+    return model

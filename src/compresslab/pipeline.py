@@ -32,12 +32,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import resume, sharding, tracking
+from compresslab import choices, resume, sharding, tracking
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
+from compresslab.matrix import check_pair
+from compresslab.metrics import zero_shot
+from compresslab.metrics.cost import CompressionCost
 from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
@@ -101,6 +104,7 @@ def check_settings(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
     data.check()
     data.check_loader()
     check_trainer(cfg)
+    zero_shot.check(cfg, source.modality)
     bad_splits = [s for s in cfg.eval.splits if s not in ("train", "val", "test")]
     if bad_splits:
         raise ConfigError(f"eval.splits: unknown split(s) {', '.join(map(str, bad_splits))} "
@@ -131,7 +135,7 @@ def skeleton(source: ModelSource, data: TaskDataModule) -> nn.Module:
 
 def evaluate(model: nn.Module, ctx: RunContext, split: str) -> dict[str, float]:
     module = EvalModule(model, ctx.adapter, ctx.data.task)
-    trainer = ctx.trainer(logger=False)
+    trainer = ctx.trainer(logger=False, label=f"evaluate {split}")
     model.eval()
     trainer.test(module, dataloaders=ctx.data.eval_dataloader(split), verbose=False)
     sharding.gather(model)  # under FSDP the test sharded it (EvalModule.configure_model)
@@ -190,6 +194,7 @@ def quiet_libraries() -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics also written to ``metrics.json``."""
     quiet_libraries()
+    check_pair(cfg)   # a method x model pair outside the matrix: one line, no work
     run_dir = Path(cfg.run_dir)
     state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
     if state["attempts"] > 1:
@@ -217,6 +222,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ctx.metrics["time/data_s"] = time.perf_counter() - data_start
     del bare
 
+    ctx.choices = choices.describe(cfg)
+    if is_main_process():
+        print(choices.header(ctx.choices, run_dir), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx.logger = build_logger(cfg, state)
     tracking.log_config(ctx.logger, cfg)
@@ -274,7 +282,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
     done = resume.finished_stages(ctx.run_dir, stages)   # [] unless continuing a run
     dense_params = count_params(model)
     if not done:  # (a resumed run has these in the finished stages' records)
-        dense = evaluate_splits(model, ctx, "dense/{split}_{metric}") if cfg.eval.dense else {}
+        dense = {**evaluate_splits(model, ctx, "dense/{split}_{metric}"),
+                 **zero_shot.evaluate(model, ctx, "dense/")} if cfg.eval.dense else {}
         ctx.log({**dense, "params/dense": dense_params})
     if any(getattr(s, "needs_dense_copy", False) for s in stages[len(done):]):
         ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -284,6 +293,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         ctx.last_saved = done[-1]["folder"]
         log.info("resuming after stage %s (%s)", done[-1]["stage"], ctx.last_saved)
 
+    cost = CompressionCost()   # wall time and peak RSS of the stages (this attempt's)
     for index, stage in enumerate(stages):
         if index < len(done):
             continue  # finished in an earlier attempt
@@ -297,7 +307,8 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
 
-    final = evaluate_splits(model, ctx, "{split}/{metric}")
+    ctx.log(cost.metrics())
+    final = {**evaluate_splits(model, ctx, "{split}/{metric}"), **zero_shot.evaluate(model, ctx)}
     params = count_params(model)
     ctx.log({**final, "params/compressed": params,
              "params/ratio": 1 - params / dense_params,
@@ -316,11 +327,13 @@ def write_results(cfg, ctx: RunContext, model: nn.Module, data: TaskDataModule) 
     if not is_main_process():  # several processes (DDP): only the main one writes
         return
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "seed": int(cfg.seed), "processes": world()[1], "data": getattr(data, "info", {})}
+            "seed": int(cfg.seed), "processes": world()[1], "data": getattr(data, "info", {}),
+            "choices": ctx.choices}
     atomic_write_text(ctx.run_dir / "run_info.json", json.dumps(info, indent=1, default=str))
     if cfg.get("save_model", True) and ctx.plan:
         save_compressed(model, ctx.run_dir / "compressed", {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "data_spec": data.spec().__dict__, "layers": ctx.plan})
+            "data_spec": data.spec().__dict__, "layers": ctx.plan},
+            getattr(data, "shared_tokenizer", lambda: None)())
     metrics = {k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | str)}
     atomic_write_text(ctx.run_dir / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True))

@@ -43,7 +43,7 @@ RESUME_IGNORED = ("run_dir", "resume", "progress", "threads", "print_table",
 #: metrics that measure time (wall clock, CPU) or the cache, not the model: the same
 #: config and seed reproduce every other key exactly (see README, "Resume and faults")
 NONDETERMINISTIC = re.compile(r"(^time/|^base_pretrain/|^base/cached$|time_s$|_ms$|ms_per_step$"
-                              r"|(^|/)(cpu_)?speedup$|(^|/)seconds_to_)")
+                              r"|(^|/)(cpu_)?speedup$|(^|/)seconds_to_|^cost/)")
 
 
 def derive_seed(*parts: Any) -> int:

@@ -11,7 +11,9 @@ earlier blocks. :class:`BlockwiseCalibration` does that with bounded memory:
 2. for each block in order, it hands the block to the method, which collects the
    statistics it needs (:meth:`collect`) and changes the block;
 3. it then runs the *changed* block on the kept inputs to produce the next
-   block's inputs, and drops the statistics of the finished block.
+   block's inputs, and drops the statistics of the finished block (or, for
+   statistics of the dense model, passes on the outputs the block had before the
+   method changed it: ``collect(..., keep_outputs=True)``).
 
 So peak memory is the model, the hidden states of the calibration samples, and
 one block's statistics. Statistics are small classes with one interface
@@ -155,8 +157,9 @@ class BlockwiseCalibration:
 
         Layers fed the very same tensor (LLaMA's q/k/v, gate/up) share one statistic
         object, updated once per batch. ``keep_outputs``: keep the block's outputs so that
-        :meth:`advance` reuses them instead of running the block again; only for a
-        caller that leaves the block unchanged until then."""
+        :meth:`advance` feeds them to the next block instead of running the block again:
+        either the block stays unchanged until then, or the caller wants the next block
+        to see the *unchanged* block's outputs (dense-model statistics)."""
         stats: dict[str, InputStatistic] = {}
         owner: dict[str, str] = {}                         # layer -> layer it shares with
         seen: dict[int, tuple[torch.Tensor, str]] = {}     # this batch's inputs, first layer
@@ -236,6 +239,10 @@ def squared_gradients(model: nn.Module, adapter: ArchitectureAdapter, task, batc
     return sums
 
 
+#: which model a block's input statistics are collected on (CalibrationSettings.inputs)
+CALIBRATION_INPUTS = ("dense", "compressed")
+
+
 class CalibrationSettings:
     """Which calibration samples a method sees (the same for every method by default).
 
@@ -243,12 +250,15 @@ class CalibrationSettings:
     pass, the first ``seq_len`` tokens of each text block (null: the whole block), drawn
     with ``seed``. ``data``: another datamodule to draw them from (its train split,
     tokenized with the run's tokenizer); null uses the run's own dataset.
+    ``inputs``: ``dense`` collects every block's statistics on the uncompressed model's
+    activations (what the SVD-LLM and ASVD authors' code does); ``compressed`` on the
+    activations of the already-compressed earlier blocks (docs/spectrum.md).
     """
 
     def __init__(self, num_samples: int = 64, batch_size: int = 16, seq_len: int | None = None,
-                 seed: int = 0, data: Any | None = None):
+                 seed: int = 0, data: Any | None = None, inputs: str = "dense"):
         self.num_samples, self.batch_size, self.seq_len = num_samples, batch_size, seq_len
-        self.seed, self.data = seed, data
+        self.seed, self.data, self.inputs = seed, data, inputs
 
     def check(self, run_data: Any) -> None:
         from compresslab.errors import ConfigError
@@ -257,6 +267,9 @@ class CalibrationSettings:
             if int(getattr(self, what)) < 1:
                 raise ConfigError(f"calibration.{what} must be at least 1, "
                                   f"got {getattr(self, what)}")
+        if self.inputs not in CALIBRATION_INPUTS:
+            raise ConfigError(f"calibration.inputs must be {' | '.join(CALIBRATION_INPUTS)}, "
+                              f"got {self.inputs!r}")
         block = getattr(self.data or run_data, "block_size", None)
         if self.seq_len is not None and (self.seq_len < 2 or (block and self.seq_len > block)):
             raise ConfigError(f"calibration.seq_len={self.seq_len} must lie in [2, block_size="
@@ -264,7 +277,8 @@ class CalibrationSettings:
         if self.data is not None:
             self.data.check()
 
-    def batches(self, run_data: Any) -> list:
+    def batches(self, run_data: Any, with_labels: bool = False) -> list:
+        """The calibration batches: model inputs, or whole task batches ``with_labels``."""
         from compresslab.data.base import calibration_batches
 
         data = run_data
@@ -272,7 +286,8 @@ class CalibrationSettings:
             data = self.data
             if not data._splits:
                 data.load(tokenizer=run_data.shared_tokenizer())
-        batches = calibration_batches(data, self.num_samples, self.batch_size, self.seed)
-        if self.seq_len is not None:
+        batches = calibration_batches(data, self.num_samples, self.batch_size, self.seed,
+                                      with_labels)
+        if self.seq_len is not None:  # text blocks only (check: seq_len within block_size)
             batches = [b[:, :self.seq_len] for b in batches]
         return batches

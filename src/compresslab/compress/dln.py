@@ -1,4 +1,4 @@
-"""Width-reduced deep linear networks (specs/dln.md): pure torch, no Lightning.
+"""Width-reduced deep linear networks (docs/dln.md): pure torch, no Lightning.
 
 - :func:`surrogate`: the matrix ``M_hat`` whose top singular vectors initialise the
   compressed network (factorization/completion ``P_Omega(M*)/p``, sensing

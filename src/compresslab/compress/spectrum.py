@@ -1,4 +1,4 @@
-"""Learned singular-spectrum selection (specs/spectrum.md), the pure-torch part.
+"""Learned singular-spectrum selection (docs/spectrum.md), the pure-torch part.
 
 A shortlisted low-rank layer ``W = B A`` (``A`` = first, ``B`` = second, components
 ordered by (whitened) singular value, ``s`` folded into the factors) becomes

@@ -1,4 +1,4 @@
-"""Structured pruning of attention heads and MLP channels (specs/numerical_pruning.md).
+"""Structured pruning of attention heads and MLP channels (docs/numerical_pruning.md).
 
 Pure torch, no Lightning. Convention of the spec: a linear computes ``Y = X W``
 with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.
@@ -98,9 +98,6 @@ def numerical_mask_newton(hl: torch.Tensor, keep: float, lam: float, steps: int 
 class Criterion:
     """Scores the input structures of a consuming linear (``weight``: out x in)."""
 
-    #: structure scores are comparable across layers (global allocation) only after this
-    standardize: bool = False
-
     def __call__(self, weight: torch.Tensor, inputs: LayerInputs,
                  group_size: int) -> torch.Tensor:
         raise NotImplementedError
@@ -132,10 +129,11 @@ class NumericalScore(Criterion):
 
 
 class MagnitudeScore(Criterion):
-    """Magnitude-sp: L2 norm of a structure's input rows of the consuming layer."""
+    """Magnitude-sp as the FLAP authors' code scores it: the L2 norm of each input column
+    of the consuming layer, summed over a structure's columns (not their joint norm)."""
 
     def __call__(self, weight, inputs, group_size):
-        return group_reduce(weight.double().pow(2).sum(0), group_size, "sum").sqrt()
+        return group_reduce(weight.double().pow(2).sum(0).sqrt(), group_size, "sum")
 
 
 class WandaScore(Criterion):
@@ -147,17 +145,26 @@ class WandaScore(Criterion):
 
 
 class FluctuationScore(Criterion):
-    """FLAP: ``Var(X_j) * ||W_j||^2`` (fluctuation), mean over a structure; standardised
-    per layer before the global allocation."""
+    """FLAP in the authors' order: the channel fluctuation ``Var(X_j) * ||W_:,j||^2``
+    (squared for attention channels, as their code does), standardised over the layer's
+    channels, *then* averaged per head. Standardising per channel keeps heads on the
+    scale of MLP channels in the global allocation (standardising a few head means
+    instead spreads them over several standard deviations, and heads lose far more).
+    Attention layers are told apart by ``group_size > 1`` (an MLP channel is one input);
+    ``square_heads: false`` drops the square."""
 
-    standardize = True
+    def __init__(self, square_heads: bool = True):
+        self.square_heads = square_heads
 
     def __call__(self, weight, inputs, group_size):
         channel = inputs.variance * weight.double().pow(2).sum(0)
-        return group_reduce(channel, group_size, "mean")
+        if group_size > 1 and self.square_heads:
+            channel = channel.pow(2)
+        return group_reduce(standardized(channel), group_size, "mean")
 
 
 def standardized(scores: torch.Tensor) -> torch.Tensor:
+    """``(s - mean) / std`` (unbiased std, as FLAP's code; all zeros for constant ``s``)."""
     std = scores.std() if len(scores) > 1 else scores.new_tensor(0.0)
     return (scores - scores.mean()) / (std if std > 0 else 1.0)
 

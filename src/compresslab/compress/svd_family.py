@@ -1,4 +1,4 @@
-"""Data-aware SVD decomposers for LLMs (specs/spectrum.md): FWSVD, ASVD and SVD-LLM.
+"""Data-aware SVD decomposers for LLMs (docs/spectrum.md): FWSVD, ASVD and SVD-LLM.
 
 All three follow :class:`compresslab.compress.svd.Decomposer`'s call signature
 ``decomposer(weight, rank, name, stats) -> (left, right)``; the low-rank stage collects

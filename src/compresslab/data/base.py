@@ -167,10 +167,17 @@ def check_calibration_size(data: TaskDataModule, num_samples: int, what: str = "
                           f"has {have}; lower {what or 'num_samples'}")
 
 
+def model_inputs(batch):
+    """The model's inputs of a batch: images of an ``(images, labels)`` pair, or the
+    batch itself (text blocks are inputs and labels at once)."""
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
 def calibration_batches(data: TaskDataModule, num_samples: int, batch_size: int,
-                        seed: int = 0) -> list:
+                        seed: int = 0, with_labels: bool = False) -> list:
     """``num_samples`` training examples drawn with a fixed seed, in batches of model
-    inputs (labels dropped: calibration only runs the model).
+    inputs (labels dropped: calibration only runs the model), or whole task batches
+    with ``with_labels`` (for statistics of the task loss, e.g. FWSVD's Fisher rows).
 
     Text datasets serve blocks of their ``block_size`` tokens, image datasets their
     images. The choice does not depend on the run seed, so every method sees the same
@@ -182,4 +189,4 @@ def calibration_batches(data: TaskDataModule, num_samples: int, batch_size: int,
     picked = order[:num_samples].tolist()
     loader = DataLoader(torch.utils.data.Subset(train, picked), batch_size=batch_size,
                         shuffle=False)
-    return [b[0] if isinstance(b, list | tuple) else b for b in loader]
+    return list(loader) if with_labels else [model_inputs(b) for b in loader]

@@ -1,4 +1,4 @@
-"""Synthetic matrix-recovery problems for deep linear networks (``specs/dln.md``).
+"""Synthetic matrix-recovery problems for deep linear networks (``docs/dln.md``).
 
 Target ``M*``: the SVD of a d x d standard Gaussian matrix keeping r singular
 triplets spread over the spectrum (indices 0, d/(2r), 2d/(2r), ... below d/2).

@@ -1,4 +1,4 @@
-"""Matrix completion, matrix sensing and real ratings for deep linear networks (specs/dln.md).
+"""Matrix completion, matrix sensing and real ratings for deep linear networks (docs/dln.md).
 
 Beside :class:`~compresslab.data.matrix.MatrixFactorizationDataModule`:
 

@@ -92,6 +92,17 @@ class BPETokenizer:
         return self.backend.decode(list(ids))
 
 
+def transformers_tokenizer(tokenizer):
+    """A transformers tokenizer (for lm-eval, exported folders): the run's own, or its
+    ``tokenizers`` object wrapped as a ``PreTrainedTokenizerFast`` (end-of-text token as
+    EOS and padding)."""
+    if not tokenizer.__class__.__module__.startswith("tokenizers"):
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
+
+
 class TextBlocksDataModule(TaskDataModule):
     """Language modelling on a text corpus split into train/val/test documents.
 

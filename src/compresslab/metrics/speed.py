@@ -146,6 +146,20 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *,
     return out
 
 
+def timed_in_turns(fns: dict[str, Callable[[], object]], repeats: int,
+                   device: torch.device | str = "cpu", target_s: float = 0.25
+                   ) -> dict[str, dict[str, list[float]]]:
+    """:func:`interleaved_times` with the calls per sample chosen from one untimed call
+    of each (which is also the warm-up), so that each sample lasts about ``target_s``."""
+    calls = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        calls[name] = calls_for(time.perf_counter() - start, target_s)
+    return interleaved_times(fns, repeats, calls=calls, warmup=0, device=device)
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 def _proc_status_kib(field: str) -> int | None:

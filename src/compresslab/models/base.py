@@ -42,8 +42,15 @@ def data_identity(data_cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
     return {"name": data_cfg.name, "settings": settings, "content": ident}
 
 
+def model_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The model config without its name: ``model=llama`` and its alias ``model=llama_tiny``
+    are one model and share one cached base."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k != "name"}
+
+
 def base_key(cfg: DictConfig, data_cfg: DictConfig, data: TaskDataModule) -> str:
-    payload = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+    payload = {"model": model_identity(cfg),
                "data": data_identity(data_cfg, data), "format": BASE_FORMAT}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -70,7 +77,8 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
     from filelock import FileLock
 
     key = base_key(cfg, data_cfg, data)
-    folder = Path(cfg.paths.base) / f"{cfg.model.name}-{data_cfg.name}-{key}"
+    family = cfg.model.get("family") or cfg.model.name
+    folder = Path(cfg.paths.base) / f"{family}-{data_cfg.name}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     record_path = folder / "base.json"
     # several processes of one run (DDP): the main one holds the lock and writes the cache;

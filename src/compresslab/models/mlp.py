@@ -1,4 +1,4 @@
-"""MLP classifier whose last layers can be a deep linear block (specs/dln.md, nonlinear).
+"""MLP classifier whose last layers can be a deep linear block (docs/dln.md, nonlinear).
 
 ``x -> flatten -> [Linear, ReLU] x len(hidden) -> head``, where the head is
 ``head_depth`` linear layers with no nonlinearity between them: one layer is the

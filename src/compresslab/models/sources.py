@@ -160,6 +160,15 @@ class LocalHFCausalLM(ModelSource):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
 
 
+def llama(path: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+          **embedded) -> ModelSource:
+    """``model=llama``: the local HF checkpoint at ``path``, or without one the embedded
+    :class:`TinyLlama` built from ``embedded`` (its settings) and trained here."""
+    if path:
+        return LocalHFCausalLM(path, dtype, trust_remote_code)
+    return TinyLlama(**embedded)
+
+
 class TinyViT(ModelSource):
     """A small timm ``VisionTransformer`` sized for the dataset's images."""
 
@@ -239,6 +248,15 @@ class TimmViT(ModelSource):
         return timm.create_model(self.name, pretrained=False, num_classes=spec.num_classes,
                                  in_chans=spec.channels, img_size=self.img_size or spec.image_size,
                                  **self.kwargs)
+
+
+def vit(weights: str | None = None, name: str = "vit_tiny_patch16_224",
+        img_size: int | None = None, kwargs: dict | None = None, **embedded) -> ModelSource:
+    """``model=vit``: the timm architecture ``name`` with a local ``weights`` file, or
+    without one the embedded :class:`TinyViT` built from ``embedded`` and trained here."""
+    if weights:
+        return TimmViT(name, weights, img_size, kwargs)
+    return TinyViT(**embedded)
 
 
 class DeepLinear(ModelSource):

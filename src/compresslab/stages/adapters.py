@@ -1,4 +1,4 @@
-"""Parameter-efficient adapter stages (specs/soka.md, docs/soka.md).
+"""Parameter-efficient adapter stages (docs/soka.md).
 
 - :class:`SoKAStage`: Kronecker adapters initialised from the KPSVD of each chosen
   linear, with the number of terms per layer chosen from its spectrum under a global

@@ -31,6 +31,7 @@ class RunContext:
     plan: dict[str, dict[str, Any]] = field(default_factory=dict)   # module -> entry
     teacher: nn.Module | None = None     # frozen copy of the dense model, when asked for
     last_saved: str | None = None        # folder of the newest finished stage's saved state
+    choices: dict[str, Any] = field(default_factory=dict)  # dataset/base model and why
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record metrics for ``metrics.json`` and send them to the logger."""

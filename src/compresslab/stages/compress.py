@@ -13,6 +13,7 @@ from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSe
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import lowrank_params, resolve_rank
 from compresslab.compress.svd import Decomposer
+from compresslab.data.base import model_inputs
 from compresslab.errors import NumericalError
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
@@ -45,8 +46,9 @@ class LowRankStage(Stage):
     ``omit``: substrings of qualified names to leave dense.
     ``calibration``: samples for decomposers with ``needs_calibration``
     (:class:`~compresslab.compress.calibration.CalibrationSettings` or its options);
-    their input statistics are collected block by block on the already-compressed
-    prefix, so only one block's statistics are alive at a time, and each dense layer is
+    their input statistics are collected block by block, on the dense model's activations
+    (``calibration.inputs: dense``) or on the already-compressed prefix (``compressed``),
+    so only one block's statistics are alive at a time, and each dense layer is
     released as soon as its factors replace it (peak memory: the model plus one block's
     statistics and factors, not a second copy of the compressed layers).
     """
@@ -78,6 +80,11 @@ class LowRankStage(Stage):
                               f"omit={self.omit}")
         if self.decomposer.needs_calibration:
             self.calibration.check(ctx.data)
+            if (self.calibration.inputs == "compressed"
+                    and self.decomposer.input_statistic() is None):
+                raise ConfigError(f"stage {self.name}: {type(self.decomposer).__name__} takes "
+                                  f"its statistics from the dense model only; "
+                                  f"calibration.inputs=compressed is not available")
 
     def check_data(self, ctx):
         from compresslab.data.base import check_calibration_size
@@ -93,10 +100,13 @@ class LowRankStage(Stage):
             for name, rank in ranks.items():
                 yield name, rank, None
             return
-        batches = self.calibration.batches(ctx.data)
+        # whole task batches: model-level statistics may need the loss (FWSVD's Fisher
+        # rows on images need the labels); block statistics see the inputs only
+        labelled = self.calibration.batches(ctx.data, with_labels=True)
+        batches = [model_inputs(b) for b in labelled]
         task = (self.calibration.data or ctx.data).task
         layers = {name: model.get_submodule(name) for name in ranks}
-        whole = self.decomposer.model_statistics(model, ctx.adapter, task, batches, layers)
+        whole = self.decomposer.model_statistics(model, ctx.adapter, task, labelled, layers)
         del layers  # holding every dense layer would keep them all alive until the end
         if self.decomposer.input_statistic() is None:
             for name, rank in ranks.items():
@@ -107,7 +117,10 @@ class LowRankStage(Stage):
         for _, block in calib:
             mine = {names[id(lin)]: lin for lin in ctx.adapter.block_linears(block).values()
                     if names.get(id(lin)) in ranks}
-            stats = calib.collect(block, mine, self.decomposer.input_statistic)
+            # dense inputs: the block's outputs are kept before it is compressed and feed the
+            # next block, so every block sees the uncompressed model's activations
+            stats = calib.collect(block, mine, self.decomposer.input_statistic,
+                                  keep_outputs=self.calibration.inputs == "dense")
             mine = list(mine)       # names only: each dense layer is freed once replaced
             for name in mine:
                 yield name, ranks[name], stats.pop(name)
@@ -136,6 +149,7 @@ class LowRankStage(Stage):
                               "bias": layer.bias is not None}
             del layer  # the dense weight is freed as soon as its factors replace it
         ctx.log({f"{self.name}/params_ratio": 1 - kept / dense,
+                 f"{self.name}/params_kept": kept,   # the budget other rows are compared at
                  f"{self.name}/model_params_ratio": 1 - count_params(model) / dense_total,
                  f"{self.name}/layers": len(ranks),
                  **{f"{self.name}/{k}": v for k, v in self.decomposer.report().items()},

@@ -1,4 +1,4 @@
-"""Deep linear networks (specs/dln.md): plain full-batch gradient descent and the
+"""Deep linear networks (docs/dln.md): plain full-batch gradient descent and the
 width-reduced network with spectral initialisation.
 
 :class:`SpectralInitStage` turns an L-layer network of width d into the compressed

@@ -1,4 +1,4 @@
-"""PELA stages (specs/pela.md): SVD decomposition with the spec's layer choice, and the
+"""PELA stages (docs/pela.md): SVD decomposition with the paper's layer choice, and the
 intermediate pre-training of the low-rank student against the frozen dense teacher.
 
 Intermediate pre-training loss: ``task + fd_weight * L_FD + wpr_weight * L_WPR``, each
@@ -14,30 +14,50 @@ from torch import nn
 
 from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.pela import (
+    WPR_SETTINGS,
     feature_distillation_loss,
     feature_selector,
+    rank_from_c,
     weight_perturbation_loss,
     wpr_form,
 )
 from compresslab.errors import ConfigError
 from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.stages.base import RunContext
-from compresslab.stages.compress import LowRankStage
+from compresslab.stages.compress import LowRankStage, select_linears
 from compresslab.stages.modules import TrainModule
 from compresslab.stages.train import TrainStage
 
 
 class PelaDecomposeStage(LowRankStage):
     """LowRankStage restricted to linears with ``out_features >= min_out_features``
-    (the reference leaves tiny output layers dense)."""
+    (the reference leaves tiny output layers dense). ``c``: PELA's compression ratio
+    (parameters divided by c); when given, every rank is the authors'
+    ``(in*out) // (c*(in+out))`` and ``ratio`` is not used."""
 
-    def __init__(self, *args, min_out_features: int = 10, **kwargs):
+    def __init__(self, *args, min_out_features: int = 10, c: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.min_out_features = min_out_features
+        self.min_out_features, self.c = min_out_features, c
 
     def ranks(self, model, ctx):
-        return {name: rank for name, rank in super().ranks(model, ctx).items()
-                if model.get_submodule(name).out_features >= self.min_out_features}
+        if self.c is None:
+            return {name: rank for name, rank in super().ranks(model, ctx).items()
+                    if model.get_submodule(name).out_features >= self.min_out_features}
+        layers = select_linears(model, ctx.adapter, self.roles, self.omit)
+        return {name: self.rank_from_c(name, lin) for name, lin in layers.items()
+                if lin.out_features >= self.min_out_features}
+
+    def rank_from_c(self, name: str, linear: nn.Module) -> int:
+        rank = rank_from_c(linear.in_features, linear.out_features, self.c)
+        if rank < 1:
+            raise ConfigError(f"stage {self.name}: c={self.c} leaves rank 0 for {name} "
+                              f"({linear.out_features}x{linear.in_features}); lower c")
+        return rank
+
+    def check(self, model, ctx):
+        if self.c is not None and self.rank is not None:
+            raise ConfigError(f"stage {self.name}: give either c or rank, not both")
+        super().check(model, ctx)
 
 
 class CapturingAdapter:
@@ -103,16 +123,22 @@ class PelaPretrainStage(TrainStage):
 
     ``fd_weight``/``wpr_weight``: weights of the two terms (0 switches a term off; with
     both off this is plain fine-tuning, the ablation's "LRA + fine-tune").
-    ``wpr_eps``: the margin subtracted from each layer's perturbation. ``wpr_form``:
-    ``max_entry`` (reference) | ``frobenius``. ``features``: ``blocks`` | ``final``.
+    ``wpr_eps``: the margin subtracted from each layer's perturbation. ``wpr_setting``:
+    one of the authors' settings, which replaces ``wpr_weight`` and ``wpr_eps``: ``deit``
+    (their DeiT scripts: weight 0, eps 1e-3, i.e. WPR off) | ``swin`` (their Swin scripts:
+    weight 1, eps 0); null keeps the two values given. ``wpr_form``: ``max_entry``
+    (reference) | ``frobenius``. ``features``: ``blocks`` | ``final``.
     """
 
     module_class = PelaModule
 
     def __init__(self, fd_weight: float = 1.0, wpr_weight: float = 1.0, wpr_eps: float = 0.0,
                  wpr_form: str = "max_entry", features: str = "blocks",
-                 **train_kwargs):
+                 wpr_setting: str | None = None, **train_kwargs):
         super().__init__(**train_kwargs)
+        self.wpr_setting = wpr_setting
+        if wpr_setting in WPR_SETTINGS:
+            wpr_weight, wpr_eps = WPR_SETTINGS[wpr_setting]
         self.fd_weight, self.wpr_weight, self.wpr_eps = fd_weight, wpr_weight, wpr_eps
         self.wpr_form_name, self.features = wpr_form, features
 
@@ -122,6 +148,9 @@ class PelaPretrainStage(TrainStage):
 
     def check(self, model, ctx):
         super().check(model, ctx)
+        if self.wpr_setting is not None and self.wpr_setting not in WPR_SETTINGS:
+            raise ConfigError(f"stage {self.name}: wpr_setting must be "
+                              f"{' | '.join(WPR_SETTINGS)} or null, got {self.wpr_setting!r}")
         for what in ("fd_weight", "wpr_weight", "wpr_eps"):
             if getattr(self, what) < 0:
                 raise ConfigError(f"stage {self.name}: {what} must be >= 0, "

@@ -41,7 +41,6 @@ from compresslab.compress.structured_pruning import (
     kept_channels,
     removed_channels,
     sliced_linear,
-    standardized,
 )
 from compresslab.errors import ConfigError, NumericalError
 from compresslab.models.adapters import ArchitectureAdapter, adapter_for
@@ -264,8 +263,6 @@ class StructuredPruneStage(Stage):
                 except NumericalError as exc:
                     raise NumericalError(f"stage {self.name}: scoring block {index} {kind}: "
                                          f"{exc}") from None
-                if self.criterion.standardize:
-                    scores = standardized(scores)
                 layers.append(LayerScores(index, kind, scores, params_per_structure(lay)))
         return layers
 

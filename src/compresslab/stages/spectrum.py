@@ -200,12 +200,14 @@ class SpectrumStage(TrainStage):
     """Learned singular-spectrum selection on the low-rank layers of the model.
 
     ``ratio``: the target; the parameter budget is what uniform ranks
-    ``rank_for_ratio(in, out, ratio)`` cost on the same layers, so the result has the
-    parameter count of the uniform baselines (within one component). ``max_steps`` and
+    ``rank_for_ratio(in, out, ratio, round_to, round_slack)`` cost on the same layers,
+    rounded exactly as the SVD-family rows round theirs, so the result has the parameter
+    count of the uniform baselines (within one component). ``max_steps`` and
     ``optim``: the gate search. See docs/spectrum.md for every option.
     """
 
-    def __init__(self, ratio: float, gate: str = "sigmoid", init_gate: float = 0.9,
+    def __init__(self, ratio: float, round_to: int = 1, round_slack: float | None = None,
+                 gate: str = "sigmoid", init_gate: float = 0.9,
                  penalty: str = "hinge", penalty_weight: float = 10.0,
                  distill_weight: float = 0.0, temperature: float = 1.0,
                  search_forward: str = "hard", score: str = "gate",
@@ -214,6 +216,7 @@ class SpectrumStage(TrainStage):
                  track_matrices: int = 3, track_every: int = 10, **train_kwargs):
         super().__init__(**train_kwargs)
         self.ratio, self.gate, self.init_gate = ratio, gate, init_gate
+        self.round_to, self.round_slack = round_to, round_slack
         self.penalty, self.penalty_weight = penalty, penalty_weight
         self.distill_weight, self.temperature = distill_weight, temperature
         self.search_forward = search_forward
@@ -261,7 +264,8 @@ class SpectrumStage(TrainStage):
         budget = dense = 0
         for layer in gated.values():
             n, m = layer.in_features, layer.out_features
-            budget += max(1, rank_for_ratio(n, m, self.ratio)) * (n + m)
+            rank = rank_for_ratio(n, m, self.ratio, self.round_to, self.round_slack)
+            budget += max(1, rank) * (n + m)
             dense += n * m
         return float(budget), dense
 
@@ -330,6 +334,7 @@ class SpectrumStage(TrainStage):
         ranks = {n: int(m.sum()) for n, m in masks.items()}
         ctx.log({f"{self.name}/params_ratio": 1 - kept / dense,
                  f"{self.name}/budget_ratio": 1 - budget / dense,
+                 f"{self.name}/params_kept": kept, f"{self.name}/budget_params": budget,
                  f"{self.name}/time_s": time.perf_counter() - start,
                  **{f"{self.name}/rank/{n}": r for n, r in ranks.items()}})
         self.write_ranks(model, ctx, ranks, shortlisted)

@@ -1,0 +1,2 @@
+"""Model code shipped inside exported folders (``trust_remote_code``); see
+:mod:`compresslab.export`."""
