@@ -1,7 +1,8 @@
 """W&B dashboards as code (``wandb-workspaces``): one saved workspace per paper table.
 
 Each board filters the project to its experiment's W&B group and has the panels a reader
-of that table needs: the metric against the compression ratio (runs grouped by method),
+of that table needs: the metric against the compression ratio or trainable parameters (runs
+grouped by method),
 parameters against the metric, each trained stage's learning curves (loss, learning rate,
 gradient norm, against the stage's own step) and, where a stage records them, the
 singular-value trajectories and their PNGs. Every key named here is one that runs log
@@ -29,6 +30,8 @@ class Board:
     stages: tuple[str, ...] = ()    # trained stages' log prefixes (learning curves)
     images: tuple[str, ...] = ()    # PNG keys (singular values, gates, ranks)
     trajectories: dict[str, tuple[str, ...]] = field(default_factory=dict)  # prefix -> keys
+    by_config: tuple[str, ...] = ("method.ratio",)       # metric against these config keys
+    by_summary: tuple[str, ...] = ("params/compressed",)  # ... and these summary metrics
 
 
 VIT_SV = tuple(f"pretrain/sv/{m}/s{i}" for m in ("blocks.0.attn.qkv",) for i in range(8))
@@ -41,11 +44,14 @@ BOARDS = {
                       "spectrum", "test/ppl",
                       stages=("base_pretrain", "spectrum_search", "spectrum_finetune"),
                       images=("spectrum/ranks",)),
+    "peft": Board("peft", "SoKA vs LoRA/PiSSA/LoKr: exact match on arithmetic",
+                  "peft_arithmetic", "test/exact_match", stages=("base_pretrain", "finetune"),
+                  by_config=(), by_summary=("trainable/params",)),
     "numprune": Board("numprune", "Numerical pruning: perplexity vs sparsity", "numprune",
                       "test/ppl", stages=("base_pretrain",)),
 }
 
-RATIO, METHOD, PARAMS = "method.ratio", "method.name", "params/compressed"
+RATIO, METHOD = "method.ratio", "method.name"
 
 
 def workspace(board: Board, entity: str, project: str):
@@ -54,14 +60,14 @@ def workspace(board: Board, entity: str, project: str):
     import wandb_workspaces.workspaces as ws
     from wandb_workspaces import expr
 
-    sections = [ws.Section(name="results", is_open=True, panels=[
-        wr.ScatterPlot(title=f"{board.metric} vs ratio", x=wr.Config(RATIO),
-                       y=wr.SummaryMetric(board.metric)),
-        wr.ScatterPlot(title=f"{board.metric} vs parameters", x=wr.SummaryMetric(PARAMS),
-                       y=wr.SummaryMetric(board.metric)),
-        wr.ScatterPlot(title="achieved ratio vs asked", x=wr.Config(RATIO),
-                       y=wr.SummaryMetric("params/ratio")),
-    ])]
+    versus = [(key, wr.Config(key)) for key in board.by_config] + [
+        (key, wr.SummaryMetric(key)) for key in board.by_summary]
+    results = [wr.ScatterPlot(title=f"{board.metric} vs {key}", x=x,
+                              y=wr.SummaryMetric(board.metric)) for key, x in versus]
+    if RATIO in board.by_config:
+        results.append(wr.ScatterPlot(title="achieved ratio vs asked", x=wr.Config(RATIO),
+                                      y=wr.SummaryMetric("params/ratio")))
+    sections = [ws.Section(name="results", is_open=True, panels=results)]
     for stage in board.stages:
         sections.append(ws.Section(name=f"{stage} learning curves", panels=[
             wr.LinePlot(title=f"{stage} {curve}", x=f"{stage}/step", y=[f"{stage}/train/{curve}"],
