@@ -40,7 +40,7 @@ base-models: install ## pre-train and cache the embedded base models (llama, vit
 	$(BIN)/python run.py method=none model=llama logger=csv
 	$(BIN)/python run.py method=none model=vit logger=csv
 
-dln-demo: install ## deep linear network on matrix factorization (spec settings, 1e5 GD steps)
+dln-demo: install ## deep linear network on matrix factorization (the paper's settings, 1e5 GD steps)
 	$(BIN)/python run.py experiment=dln_factorization
 
 RUNS ?= $(lastword $(sort $(wildcard outputs/multirun/*/*)))

@@ -28,9 +28,9 @@ def test_every_choice_composes(group, choice, tmp_path):
 
 def test_run_name_and_tags_come_from_choices(tmp_path):
     cfg = compose_cfg(["method=svd", "method.ratio=0.2", "seed=3"], tmp_path)
-    assert cfg.run_name == "svd-llama_tiny-pycode-r0.2-s3"
+    assert cfg.run_name == "svd-llama-pycode-r0.2-s3"
     cfg = compose_cfg(["method=none"], tmp_path)
-    assert cfg.run_name == "none-llama_tiny-pycode-s0"
+    assert cfg.run_name == "none-llama-pycode-s0"
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_slurm", "submitit_local"])

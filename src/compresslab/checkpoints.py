@@ -236,7 +236,7 @@ def safe_source(source_cfg: dict[str, Any], where: str, trust_remote_code: bool 
     never from the file."""
     from hydra.utils import get_object
 
-    from compresslab.models.sources import ModelSource
+    from compresslab.models.sources import FAMILY_SOURCES, ModelSource
 
     options = dict(source_cfg)
     target = options.pop("_target_", None)
@@ -246,7 +246,7 @@ def safe_source(source_cfg: dict[str, Any], where: str, trust_remote_code: bool 
         cls = get_object(target)
     except Exception:  # noqa: BLE001  (hydra raises several kinds for a bad path)
         raise ConfigError(f"{where}: unknown model source {target!r}") from None
-    if not (isinstance(cls, type) and issubclass(cls, ModelSource)):
+    if not (isinstance(cls, type) and issubclass(cls, ModelSource) or cls in FAMILY_SOURCES):
         raise ConfigError(f"{where}: {target!r} is not a compresslab model source")
 
     def nested_target(value) -> bool:

@@ -56,7 +56,7 @@ class BlockFeatures:
 
 
 class FinalFeatures:
-    """Only the last block's output (the spec's Swin variant distils one final feature)."""
+    """Only the last block's output (the paper's Swin variant distils one final feature)."""
 
     def __call__(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]):
         return [(student[-1], teacher[-1])]

@@ -259,6 +259,10 @@ def vit(weights: str | None = None, name: str = "vit_tiny_patch16_224",
     return TinyViT(**embedded)
 
 
+#: the family configs' sources (model=llama, model=vit): functions picking a source class
+FAMILY_SOURCES = (llama, vit)
+
+
 class DeepLinear(ModelSource):
     """Deep linear network of ``depth`` layers of ``width`` (``width=null``: square)."""
 

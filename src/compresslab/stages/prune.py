@@ -43,6 +43,7 @@ from compresslab.compress.structured_pruning import (
     sliced_linear,
 )
 from compresslab.errors import ConfigError, NumericalError
+from compresslab.metrics.speed import median, paired_speedup, timed_in_turns
 from compresslab.models.adapters import ArchitectureAdapter, adapter_for
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
@@ -133,22 +134,22 @@ def prune_structures(model: nn.Module, layout: dict[str, Any], removed: list[int
 
 
 @torch.inference_mode()
-def forward_latency_ms(models: list[nn.Module], adapter: ArchitectureAdapter,
-                       batch: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
-    """(wall-clock ms, process CPU ms) of each model's forward pass, the fastest of
-    ``repeats``, the models taking turns. CPU time is what the forward pass costs even when
+def paired_latency(dense: nn.Module, pruned: nn.Module, adapter: ArchitectureAdapter,
+                   batch: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Forward latency of the dense and the pruned model measured as ``make bench`` does:
+    the two take turns in one process for ``rounds`` rounds, each sample long enough for
+    the timer, and the speed-ups are medians of the per-round ratios, so the slowly changing
+    load of a shared machine cancels out. CPU time is what the forward pass costs even when
     other processes share the cores (their load stretches wall-clock time only)."""
-    best = [[float("inf"), float("inf")] for _ in models]
-    for model in models:
+    for model in (dense, pruned):
         model.eval()
-        adapter.logits(model, batch)                   # warm-up
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            wall, cpu = time.perf_counter(), time.process_time()
-            adapter.logits(model, batch)
-            best[i][0] = min(best[i][0], time.perf_counter() - wall)
-            best[i][1] = min(best[i][1], time.process_time() - cpu)
-    return [(1000 * w, 1000 * c) for w, c in best]
+    times = timed_in_turns({"dense": lambda: adapter.logits(dense, batch),
+                            "pruned": lambda: adapter.logits(pruned, batch)}, rounds, target_s=0.05)
+    d, p = times["dense"], times["pruned"]
+    return {"latency_dense_ms": 1000 * median(d["wall"]), "latency_ms": 1000 * median(p["wall"]),
+            "speedup": paired_speedup(d["wall"], p["wall"]),
+            "cpu_dense_ms": 1000 * median(d["cpu"]), "cpu_ms": 1000 * median(p["cpu"]),
+            "cpu_speedup": paired_speedup(d["cpu"], p["cpu"])}
 
 
 class StructuredPruneStage(Stage):
@@ -160,8 +161,9 @@ class StructuredPruneStage(Stage):
     Calibration: ``num_samples`` training sequences (cropped to ``seq_len`` tokens
     when set) or images in batches of ``batch_size``, drawn with ``calib_seed``. Latency: the
     pruned model and a copy of the dense one take turns on the first ``latency_samples``
-    calibration sequences (one batch), ``latency_repeats`` times each, fastest kept
-    (``latency_repeats: 0``: not measured, no copy kept).
+    calibration sequences (one batch) for ``latency_repeats`` rounds; the speed-up is the
+    median of the per-round ratios, as in ``make bench`` (``latency_repeats: 0``: not
+    measured, no copy kept).
     ``align_channels``: every MLP keeps a multiple of this many channels (the nearest to
     the allocation; 1: as allocated), for faster matrix products (docs/bench.md).
     """
@@ -235,14 +237,8 @@ class StructuredPruneStage(Stage):
                  **{f"{self.name}/{k}": v for k, v in reports.items()}})
         if dense is not None:
             timed = torch.cat(batches)[:self.latency_samples]
-            (wall_dense, cpu_dense), (wall, cpu) = forward_latency_ms(
-                [dense, model], adapter, timed, self.latency_repeats)
-            ctx.log({f"{self.name}/latency_dense_ms": wall_dense,
-                     f"{self.name}/latency_ms": wall,
-                     f"{self.name}/speedup": wall_dense / wall,
-                     f"{self.name}/cpu_dense_ms": cpu_dense,
-                     f"{self.name}/cpu_ms": cpu,
-                     f"{self.name}/cpu_speedup": cpu_dense / cpu})
+            latency = paired_latency(dense, model, adapter, timed, self.latency_repeats)
+            ctx.log({f"{self.name}/{k}": v for k, v in latency.items()})
         ctx.log({f"{self.name}/time_s": time.perf_counter() - start})
         return model
 
