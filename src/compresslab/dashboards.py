@@ -4,8 +4,8 @@ Each board filters the project to its experiment's W&B group and has the panels 
 of that table needs: the metric against the compression ratio or trainable parameters and
 against the parameter count (runs grouped by method), each trained stage's learning curves
 (loss, learning rate, gradient norm, against the stage's own step) and, where a stage
-records them, the singular-value trajectories and their PNGs. Every key named here is one that runs log
-(checked offline by tests/test_tracking.py against real offline runs).
+records them, the singular-value trajectories and their PNGs. Every key named here is one
+that runs log (checked offline by tests/test_tracking.py against real offline runs).
 
     make dashboards WANDB_ENTITY=<entity>        # online: saves every board
     python -m compresslab.dashboards --entity <entity> [--project compresslab] [pela ...]
