@@ -57,5 +57,8 @@ def command_line(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
-    main()
+    from compresslab.interrupt import exit_on_signal
+
+    with exit_on_signal():  # SIGTERM/SIGINT/SIGHUP: exit 128+N, loggers closed, how to resume
+        sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
+        main()

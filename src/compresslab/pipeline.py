@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import resume, sharding
+from compresslab import interrupt, resume, runlock, sharding
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -186,9 +186,16 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the metrics also written to ``metrics.json``."""
-    quiet_libraries()
+    """Run one experiment; returns the metrics also written to ``metrics.json``. The run
+    folder is locked against a second process while it runs (:mod:`compresslab.runlock`)."""
     run_dir = Path(cfg.run_dir)
+    interrupt.note_run_dir(run_dir)
+    with runlock.hold(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    quiet_libraries()
     state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
     if state["attempts"] > 1:
         log.warning("continuing the interrupted run in %s (attempt %d)", run_dir,

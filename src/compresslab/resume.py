@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compresslab import runlock
 from compresslab.checkpoints import atomic_write_text, load_state, save_compressed
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
@@ -61,8 +63,11 @@ def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 # -- the run folder -----------------------------------------------------------------------------
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without :data:`RESUME_IGNORED` keys, as plain JSON data."""
+    """The resolved config without :data:`RESUME_IGNORED` keys, as plain JSON data; paths
+    inside the run folder are written relative to it (``<run_dir>/csv``), so that a run
+    folder resumed through a relative path or a symlink, or moved, still compares equal."""
     data = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    data = _relative_to_run_dir(data, cfg.get("run_dir"))
     for dotted in RESUME_IGNORED:
         *parents, last = dotted.split(".")
         node = data
@@ -71,6 +76,26 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(last, None)
     return data
+
+
+def _relative_to_run_dir(data: Any, run_dir: str | None) -> Any:
+    if not run_dir:
+        return data
+    forms = {str(run_dir), os.path.abspath(run_dir), str(Path(run_dir).resolve())}
+    forms = sorted((f.rstrip("/") for f in forms), key=len, reverse=True)
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, str):
+            for form in forms:
+                if value == form or value.startswith(form + "/"):
+                    return "<run_dir>" + value[len(form):]
+        return value
+
+    return relative(data)
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -95,6 +120,7 @@ def check_resume_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"resume={folder}: no such run folder")
+    runlock.check_free(folder)   # a live run is not an interrupted one
     if (folder / "metrics.json").exists():
         raise ConfigError(f"resume={folder}: the run already finished (metrics.json); "
                           f"nothing to resume")
@@ -140,6 +166,12 @@ def read_state(folder: Path, what: str) -> dict[str, Any]:
     return state
 
 
+def saved_config(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The config a run saved, its run-folder paths relative (also in a state written
+    before they were stored so, as long as the folder has not moved)."""
+    return _relative_to_run_dir(state["config"], str(run_dir))
+
+
 def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Check that this run may write into ``run_dir``; return its state (not yet written;
     ``attempts > 1``: the run continues an interrupted one).
@@ -157,14 +189,14 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if folder.resolve() != run_dir.resolve():
             raise ConfigError(f"resume={folder} but the run folder is {run_dir}")
         state = read_state(run_dir, f"resume={folder}")
-        diff = config_difference(state["config"], now)
+        diff = config_difference(saved_config(state, run_dir), now)
         if diff:
             raise ConfigError(f"resume={folder}: the config differs from the run's ({diff}); "
                               f"resume with the run's own settings: python run.py "
                               f"resume={folder}")
     elif (run_dir / STATE_FILE).is_file():
         state = read_state(run_dir, f"run folder {run_dir}")
-        diff = config_difference(state["config"], now)
+        diff = config_difference(saved_config(state, run_dir), now)
         if diff and is_main_process():
             raise ConfigError(f"run folder {run_dir} holds an interrupted run with another "
                               f"config ({diff}); choose another folder")
@@ -308,8 +340,6 @@ def _resume_in_place(argv: list[str]) -> list[str]:
 
 
 def _protect_run_folder(argv: list[str]) -> list[str]:
-    import os
-
     dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     if (not dirs or any(a.startswith("resume=") for a in argv) or _multirun(argv)
             or max(int(os.environ.get(k, "0") or 0) for k in ("LOCAL_RANK", "RANK")) > 0):
@@ -317,6 +347,7 @@ def _protect_run_folder(argv: list[str]) -> list[str]:
     folder = Path(dirs[-1].strip("'\""))
     if (folder / "metrics.json").exists():
         raise ConfigError(f"run folder {folder} already holds results; refusing to overwrite")
+    runlock.check_free(folder)
     if (folder / STATE_FILE).exists():
         raise ConfigError(f"run folder {folder} holds an interrupted run; continue it with "
                           f"resume={folder} or choose another folder")

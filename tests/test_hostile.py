@@ -1,0 +1,238 @@
+"""Hostile conditions: signals, two processes on one run folder, moved run folders, damaged
+files read back, odd top-level values and file systems that refuse to write.
+
+Signals are real: ``os.kill`` to this process (inside a stage, inside a Lightning fit) or
+to a real ``run.py`` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compresslab import interrupt, pipeline, runlock
+from compresslab.errors import ConfigError
+from compresslab.resume import STATE_FILE
+from compresslab.stages import compress, modules
+from conftest import REPO, TINY_LLAMA, compose_cfg, read_metrics, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SVD = [*TINY_LLAMA, "method=svd", "logger=csv"]
+# a trained stage: SVD-LLM, then its factors fine-tuned (right, then left factors)
+FT = [*TINY_LLAMA, "method=svd_llm_ft", "method.calibration.num_samples=16",
+      "method.stages.finetune.max_steps=8", "checkpoint_every=3", "logger=csv"]
+
+
+def run_until_signal(cfg) -> tuple[int, str]:
+    """``pipeline.run`` inside ``run.py``'s signal guard: (exit code, stderr line)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(err):
+        with interrupt.exit_on_signal():
+            pipeline.run(cfg)
+    return stop.value.code, err.getvalue().strip()
+
+
+def csv_rows(run_dir: Path) -> list[str]:
+    return (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+
+
+# -- 1. signals ----------------------------------------------------------------------------
+
+def test_sigterm_inside_a_stage_exits_143_closes_the_logger_and_says_how_to_resume(
+        shared_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    closed = []
+    real_finish = pipeline.finish_logger
+    monkeypatch.setattr(pipeline, "finish_logger",
+                        lambda logger, failed: (closed.append(failed),
+                                                real_finish(logger, failed)))
+    monkeypatch.setattr(compress.LowRankStage, "run",
+                        lambda self, model, ctx: os.kill(os.getpid(), signal.SIGTERM))
+    code, line = run_until_signal(compose_cfg(SVD, shared_root, run_dir))
+    assert code == 128 + signal.SIGTERM
+    assert line == (f"error: interrupted by SIGTERM: run folder {run_dir} kept; continue "
+                    f"it with: python run.py resume={run_dir}")
+    assert closed == [True]            # the logger was finished, as failed
+    rows = csv_rows(run_dir)    # the dense metrics logged before the signal were written
+    assert "dense/test_ppl" in rows[0].split(",") and len(rows) >= 3
+    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / runlock.LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is not interrupt._raise_interrupted  # restored
+
+
+def test_sigterm_inside_a_lightning_fit_is_not_a_success(shared_root, tmp_path, monkeypatch):
+    """Lightning turns SIGTERM into ``SystemExit(None)`` (exit code 0) on its own."""
+    run_dir = tmp_path / "run"
+    original = modules.TrainModule.training_step
+
+    def signalled(self, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(modules.TrainModule, "training_step", signalled)
+    code, line = run_until_signal(compose_cfg(FT, shared_root, run_dir))
+    assert code == 143 and f"resume={run_dir}" in line
+    assert (run_dir / "checkpoints" / "01-finetune" / "right" / "last.ckpt").is_file()
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_sigint_before_the_run_starts_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "build_stages",
+                        lambda cfg: os.kill(os.getpid(), signal.SIGINT))
+    code, line = run_until_signal(compose_cfg(SVD, tmp_path, tmp_path / "run"))
+    assert code == 128 + signal.SIGINT
+    assert line == (f"error: interrupted by SIGINT before the run started (run folder "
+                    f"{tmp_path / 'run'}); nothing to resume")
+    assert not (tmp_path / "run").exists()   # the folder made to hold the lock is gone
+
+
+def test_lightnings_own_sigterm_exit_counts_as_a_signal():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    assert interrupt.signal_of(SIGTERMException()) == signal.SIGTERM
+    assert interrupt.signal_of(SystemExit(3)) is None
+
+
+# -- 2. resume appends to the CSV log ------------------------------------------------------
+
+def test_csv_logger_appends_and_drops_a_row_cut_short(tmp_path):
+    from compresslab.loggers import AppendingCSVLogger
+
+    first = AppendingCSVLogger(tmp_path, name="csv", version="")
+    first.log_metrics({"a": 1.0}, step=0)
+    first.save()
+    path = tmp_path / "csv" / "metrics.csv"
+    path.write_text(path.read_text() + "2.0,")          # killed while writing a row
+    second = AppendingCSVLogger(tmp_path, name="csv", version="")
+    second.log_metrics({"a": 3.0}, step=1)
+    second.log_metrics({"b": 4.0}, step=2)             # a new column: old rows rewritten
+    second.save()
+    assert path.read_text().splitlines() == ["a,b,step", "1.0,,0", "3.0,,1", ",4.0,2"]
+
+
+# -- 3. a live run holds its folder --------------------------------------------------------
+
+HOLDER = ("import sys, time; sys.path.insert(0, {src!r}); from compresslab import runlock; "
+          "runlock.acquire(__import__('pathlib').Path({folder!r})); print('held', flush=True); "
+          "time.sleep(60)")
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """A run folder whose lock a live process holds."""
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / STATE_FILE).write_text(json.dumps({"format": "compresslab-run/1",
+                                                 "config": {}, "attempts": 1}))
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=str(REPO / "src"),
+                                                                 folder=str(folder))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield folder, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_run_folder_is_refused_with_one_line(held_folder, shared_root):
+    folder, proc = held_folder
+    with pytest.raises(ConfigError, match=rf"run folder {folder} is in use by a running run "
+                                          rf"\(process {proc.pid} on .*\); wait for it"):
+        pipeline.run(compose_cfg(SVD, shared_root, folder))
+    for args in ([f"resume={folder}"], [f"hydra.run.dir={folder}"]):
+        result = run_cli([*args, "logger=none"], timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: {runlock.in_use_error(folder)}"]
+    assert (folder / runlock.LOCK_FILE).is_file()   # the holder's lock is left alone
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(held_folder):
+    folder, proc = held_folder
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (folder / runlock.LOCK_FILE).is_file()      # stale: its process is gone
+    runlock.check_free(folder)
+    assert runlock.acquire(folder)
+    assert json.loads((folder / runlock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    runlock.release(folder)
+    assert not (folder / runlock.LOCK_FILE).exists()
+
+
+# -- 5. resume= through another path to the same (or a moved) folder --------------------
+
+def test_location_dependent_paths_are_no_config_difference(tmp_path, monkeypatch):
+    from compresslab import resume
+
+    first = tmp_path / "runs" / "a"
+    first.mkdir(parents=True)
+    state = resume.prepare_run_folder(compose_cfg(SVD, tmp_path, first), first)
+    resume.write_state(first, state)
+    assert state["config"]["logger"]["save_dir"] == "<run_dir>"
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    os.symlink(moved, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for path in ("moved", "link", str(tmp_path / "link")):
+        cfg = compose_cfg([*SVD, f"resume={path}"], tmp_path, Path(path))
+        assert resume.prepare_run_folder(cfg, Path(path))["attempts"] == 2
+    other = compose_cfg([*SVD, "seed=1", "resume=moved"], tmp_path, Path("moved"))
+    with pytest.raises(ConfigError,
+                       match=r"config differs from the run.s \(run_name: .*, seed: 0 -> 1\)"):
+        resume.prepare_run_folder(other, Path("moved"))
+
+
+# -- 1, 2, 5 together: a real process, a real signal, resumed from elsewhere ---------------
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_run_then_resume_through_a_moved_folder(shared_root, tmp_path):
+    """SIGTERM to ``run.py`` while it trains: exit 143, the resume line; the folder is moved
+    and resumed through a relative path; the CSV rows logged before the signal survive and
+    the metrics equal an uninterrupted run's."""
+    args = [*FT[:-3], "method.stages.finetune.max_steps=300", "checkpoint_every=5",
+            "logger=csv", "progress=false", "print_table=false", "threads=1",
+            f"paths.root={shared_root}"]
+    run_dir = tmp_path / "first"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args,
+                             f"hydra.run.dir={run_dir}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "checkpoints" / "01-finetune" / "right" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: interrupted by SIGTERM: run folder {run_dir} kept; continue it with: "
+        f"python run.py resume={run_dir}")
+    before = csv_rows(run_dir)
+    assert len(before) > 2
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    os.symlink(moved, tmp_path / "link")
+    resumed = run_cli(["resume=link", "progress=false"], cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = csv_rows(moved)
+    assert after[1:len(before)] == before[1:] or set(before[1:]) <= set(after[1:])
+    whole = run_cli([*args, f"hydra.run.dir={tmp_path / 'whole'}"], timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    from compresslab.resume import reproducible_metrics
+
+    assert reproducible_metrics(read_metrics(moved)) == \
+        pytest.approx(reproducible_metrics(read_metrics(tmp_path / "whole")), rel=1e-9)
