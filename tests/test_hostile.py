@@ -236,3 +236,63 @@ def test_sigterm_to_a_real_run_then_resume_through_a_moved_folder(shared_root, t
 
     assert reproducible_metrics(read_metrics(moved)) == \
         pytest.approx(reproducible_metrics(read_metrics(tmp_path / "whole")), rel=1e-9)
+
+
+# -- 4, 6. cached artefacts are checked on load; damaged ones are built again ---------------
+
+def overwrite_middle(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(255 - b for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+def text_data(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(SVD, tmp_path)
+    return lambda: instantiate(cfg.dataset.datamodule)
+
+
+@pytest.mark.parametrize("damage", ["tokenizer bytes", "tokenizer truncated", "npy bytes",
+                                    "npy truncated", "npy ids beyond vocab (no checksum)"])
+def test_damaged_token_caches_are_built_again(tmp_path, damage, caplog):
+    import numpy as np
+
+    make = text_data(tmp_path)
+    first = make()
+    first.load()
+    reference = {s: np.array(first._splits[s].ids) for s in ("train", "val", "test")}
+    folder = next((tmp_path / "cache").rglob("tokenizer.json")).parent
+    tok, npy = folder / "tokenizer.json", next((tmp_path / "cache").rglob("val.npy"))
+    if damage == "tokenizer bytes":
+        overwrite_middle(tok)
+    elif damage == "tokenizer truncated":
+        tok.write_bytes(tok.read_bytes()[:100])
+    elif damage == "npy bytes":
+        overwrite_middle(npy)
+    elif damage == "npy truncated":
+        npy.write_bytes(npy.read_bytes()[:200])
+    else:
+        ids = np.load(npy)
+        ids[3] = 60000   # the vocabulary has 512 ids
+        np.save(npy, ids)
+        Path(str(npy) + ".sha256").unlink()
+    again = make()
+    again.load()
+    assert "is damaged" in caplog.text
+    for split, ids in reference.items():
+        assert np.array_equal(np.array(again._splits[split].ids), ids), split
+
+
+def test_damaged_cached_base_model_is_trained_again(tmp_path, caplog):
+    args = [*SVD, "method=none", "eval.splits=[val]"]
+    first = pipeline.run(compose_cfg(args, tmp_path, tmp_path / "a"))
+    weights = next((tmp_path / "base").rglob("model.safetensors"))
+    overwrite_middle(weights, 4096)   # the header stays intact: it would load silently
+    second = pipeline.run(compose_cfg(args, tmp_path, tmp_path / "b"))
+    assert "cached base model" in caplog.text and "damaged" in caplog.text
+    assert second["base/cached"] == 0
+    assert second["val/ppl"] == pytest.approx(first["val/ppl"], rel=1e-6)
+    third = pipeline.run(compose_cfg(args, tmp_path, tmp_path / "c"))
+    assert third["base/cached"] == 1
