@@ -296,3 +296,56 @@ def test_damaged_cached_base_model_is_trained_again(tmp_path, caplog):
     assert second["val/ppl"] == pytest.approx(first["val/ppl"], rel=1e-6)
     third = pipeline.run(compose_cfg(args, tmp_path, tmp_path / "c"))
     assert third["base/cached"] == 1
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(shared_root, tmp_path_factory):
+    """A run stopped in its fine-tuning's second phase: done.json of the compression,
+    last.ckpt of both phases, run_state.json; a fresh copy per use."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    mp = pytest.MonkeyPatch()
+    original = modules.TrainModule.training_step
+
+    def crashing(self, batch, batch_idx):
+        folders = [str(cb.dirpath) for cb in self.trainer.callbacks
+                   if getattr(cb, "dirpath", None)]
+        if self.trainer.global_step == 7 and any(f.endswith("left") for f in folders):
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    mp.setattr(modules.TrainModule, "training_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(compose_cfg(FT, shared_root, run_dir))
+    mp.undo()
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\nmodel: {name: x}\n")
+    return run_dir
+
+
+DAMAGED_RUN_FILES = {
+    "done.json": "stages/00-compress/done.json",
+    "last.ckpt": "checkpoints/01-finetune/left/last.ckpt",
+    "run_state.json": STATE_FILE,
+    ".hydra/config.yaml": ".hydra/config.yaml",
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGED_RUN_FILES))
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_run_files_are_refused_with_one_line_naming_them(
+        interrupted_run, shared_root, tmp_path, kind, damage):
+    from compresslab import resume
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted_run, run_dir)
+    path = run_dir / DAMAGED_RUN_FILES[kind]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x00\xff[:{" * 50)
+    with pytest.raises(ConfigError) as error:
+        cfg = compose_cfg([*FT, f"resume={run_dir}"], shared_root, run_dir)
+        if kind == ".hydra/config.yaml":
+            resume.resume_config(cfg, [f"resume={run_dir}"])
+        else:
+            pipeline.run(cfg)
+    message = str(error.value)
+    assert str(path) in message and "damaged" in message and "\n" not in message

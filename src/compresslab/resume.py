@@ -146,7 +146,13 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if not saved_path.is_file():
         raise ConfigError(f"resume={folder}: no .hydra/config.yaml to take the run's config "
                           f"from; give the run's overrides with resume=")
-    saved = OmegaConf.load(saved_path)
+    try:
+        saved = OmegaConf.load(saved_path)
+    except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf raise several kinds)
+        raise ConfigError(f"resume={folder}: {saved_path} is damaged "
+                          f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(saved, DictConfig) or "model" not in saved:
+        raise ConfigError(f"resume={folder}: {saved_path} is damaged (not a run's config)")
     for key in keys:
         if key in RESUME_IGNORED:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
@@ -155,11 +161,22 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return saved
 
 
-def read_state(folder: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object the framework wrote; a truncated or damaged file is one ConfigError
+    line naming it."""
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: {STATE_FILE} is damaged ({exc})") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: {path} is damaged ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} is damaged (not a JSON object)")
+    return data
+
+
+def read_state(folder: Path, what: str) -> dict[str, Any]:
+    state = read_json(folder / STATE_FILE, what)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{what}: {STATE_FILE} is damaged (no config)")
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{what}: {STATE_FILE} has format {state.get('format')!r}, "
                           f"expected {STATE_FORMAT!r}")
@@ -268,7 +285,9 @@ def finished_stages(run_dir: Path, stages: list) -> list[dict[str, Any]]:
         marker = Path(run_dir) / "stages" / stage_key(index, stage.name) / "done.json"
         if not marker.is_file():
             break
-        record = json.loads(marker.read_text())
+        record = read_json(marker, "cannot resume")
+        if not all(key in record for key in ("stage", "plan", "metrics")):
+            raise ConfigError(f"cannot resume: {marker} is damaged (incomplete record)")
         record["folder"] = str(marker.parent)
         records.append(record)
     return records
