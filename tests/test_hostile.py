@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -349,3 +350,119 @@ def test_damaged_run_files_are_refused_with_one_line_naming_them(
             pipeline.run(cfg)
     message = str(error.value)
     assert str(path) in message and "damaged" in message and "\n" not in message
+
+
+# -- 7. odd top-level values, checked before any work --------------------------------------
+
+ODD_VALUES = {
+    "seed=-1": "seed must be an integer [0, 4294967295], got -1",
+    "seed=4294967296": "seed must be an integer [0, 4294967295], got 4294967296",
+    "seed=1.5": "seed must be an integer [0, 4294967295], got 1.5",
+    "seed=abc": "seed must be an integer [0, 4294967295], got 'abc'",
+    "threads=0": "threads must be an integer >= 1 or null, got 0",
+    "threads=two": "threads must be an integer >= 1 or null, got 'two'",
+    "checkpoint_every=-3": "checkpoint_every must be an integer >= 0 or null, got -3",
+    "checkpoint_every=1.5": "checkpoint_every must be an integer >= 0 or null, got 1.5",
+    "run_name=a/b": "run_name 'a/b' must be a plain folder name",
+    "run_name=..": "run_name '..' must be a plain folder name",
+    f"run_name={'x' * 201}": "run_name is 201 characters long; at most 200",
+    "progress=maybe": "progress must be true or false, got 'maybe'",
+    "eval.dense=1": "eval.dense must be true or false, got 1",
+}
+
+
+@pytest.mark.parametrize("override", list(ODD_VALUES), ids=lambda o: o[:24])
+def test_odd_top_level_values_stop_before_any_work(override, tmp_path):
+    cfg = compose_cfg([*SVD, override], tmp_path)
+    with pytest.raises(ConfigError) as error:
+        pipeline.run(cfg)
+    assert str(error.value).startswith(ODD_VALUES[override])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_run_name_that_escapes_paths_root_is_refused_before_hydra_writes(tmp_path):
+    result = run_cli(["run_name=../../escaped", f"paths.root={tmp_path / 'out'}",
+                      "logger=none"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: run_name '../../escaped' must be a plain folder name (no / or \\, not . or "
+        "..): it names a folder below paths.root"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"question": 5, "answer": "#### 5"}', ":1: question must be a text, got int"),
+    ('["question", "answer"]', ":1 is not a JSON object"),
+])
+def test_qa_rows_with_fields_of_the_wrong_type_are_one_line(tmp_path, row, message):
+    from compresslab.data.qa import JsonlQADataModule
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(row + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}{message}")):
+        JsonlQADataModule(train=str(path), test=str(path)).examples("train")
+
+
+def test_text_rows_that_are_not_text_are_one_line(tmp_path):
+    from compresslab.data.text_files import TextFilesDataModule
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "def f(): pass"}\n{"text": 7}\n')
+    data = TextFilesDataModule(train=str(path), val=str(path), test=str(path),
+                               cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"'text' of row 2 is a int, not a text"):
+        data.documents("train")
+
+
+# -- 9. load_compressed checks the plan against the weights header before allocating ------
+
+def tiny_llama_folder(tmp_path) -> Path:
+    from compresslab.checkpoints import save_compressed
+    from compresslab.models.sources import DataSpec, TinyLlama
+
+    source = {"_target_": "compresslab.models.sources.TinyLlama", "hidden_size": 32,
+              "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    options = {k: v for k, v in source.items() if k != "_target_"}
+    model = TinyLlama(**options).build(DataSpec("text", vocab_size=100))
+    return save_compressed(model, tmp_path / "c", {
+        "model": {"name": "llama_tiny", "source": source},
+        "data_spec": {"modality": "text", "vocab_size": 100}, "layers": {}})
+
+
+@pytest.mark.parametrize("change, message", [
+    (("data_spec", "vocab_size", 10 ** 10),
+     r"do not match the model .* of wrong shape, e\.g\. model\.embed_tokens\.weight: "
+     r"\(100, 32\) in the file, \(10000000000, 32\) by the plan"),
+    (("data_spec", "vocab_size", "100"), r"data_spec: vocab_size must be a positive integer, "
+                                         r"got '100'"),
+    (("data_spec", "vocab_size", True), r"vocab_size must be a positive integer, got True"),
+])
+def test_plan_is_checked_against_the_header_before_the_model_is_built(tmp_path, change,
+                                                                        message):
+    import resource
+
+    from compresslab.checkpoints import load_compressed
+
+    folder = tiny_llama_folder(tmp_path)
+    plan = json.loads((folder / "plan.json").read_text())
+    part, key, value = change
+    plan[part][key] = value
+    (folder / "plan.json").write_text(json.dumps(plan))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=message):
+        load_compressed(folder)   # 10**10 x 32 floats would need 1.2 TB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_plan_layer_field_of_the_wrong_type_is_one_line(tmp_path):
+    from test_checkpoints import _compressed
+
+    from compresslab.checkpoints import load_compressed
+
+    _, folder = _compressed(tmp_path)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["layers"]["layers.0"]["rank"] = "3"
+    (folder / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match=r"layer layers.0: rank must be a positive integer, "
+                                          r"got '3'"):
+        load_compressed(folder)

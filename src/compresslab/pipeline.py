@@ -42,6 +42,7 @@ from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
 from compresslab.models.utils import count_params
+from compresslab.options import check_top_level
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 
@@ -196,6 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     quiet_libraries()
+    check_top_level(cfg)
     state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
     if state["attempts"] > 1:
         log.warning("continuing the interrupted run in %s (attempt %d)", run_dir,

@@ -340,6 +340,9 @@ def prepare_command_line(argv: list[str]) -> list[str]:
     """``run.py``'s arguments for Hydra: ``resume=DIR`` makes Hydra work in DIR itself and
     keep its saved ``.hydra/`` config; a ``hydra.run.dir`` holding a finished or
     interrupted run is refused before Hydra overwrites that run's ``.hydra/`` record."""
+    from compresslab.options import check_command_line
+
+    check_command_line(argv)
     return _protect_run_folder(_resume_in_place(argv))
 
 
