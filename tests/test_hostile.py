@@ -466,3 +466,92 @@ def test_plan_layer_field_of_the_wrong_type_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"layer layers.0: rank must be a positive integer, "
                                           r"got '3'"):
         load_compressed(folder)
+
+
+# -- 8. file systems that refuse to write --------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """``mount(size, read_only)``: a small tmpfs at ``tmp_path/mnt`` (skips where the machine
+    does not let this process mount one)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = []
+
+    def mount(size: str, options: str = "") -> Path:
+        opts = f"size={size}" + (f",{options}" if options else "")
+        cmd = ["mount", "-o", f"remount,{opts}", str(mnt)] if mounted else \
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)]
+        if shutil.which("mount") is None or subprocess.run(cmd, capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+        mounted.append(True)
+        return mnt
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".tmp.npy"))]
+
+
+def cli_with(args: list[str], file_limit: int | None = None) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args, "progress=false",
+                           "threads=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit)
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(
+        small_fs, shared_root):
+    pipeline.run(compose_cfg(FT, shared_root, shared_root / "warm-ft"))  # base, caches built
+    run_dir = small_fs("600k") / "run"
+    result = cli_with([*FT, f"paths.root={shared_root}", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write ") and "No space left on device" in line
+    assert line.endswith(f"continue the run with: python run.py resume={run_dir}")
+    assert leftovers(run_dir) == []
+
+
+def test_file_size_limit_is_one_line_and_leaves_no_partial_file(shared_root, tmp_path):
+    pipeline.run(compose_cfg(SVD, shared_root, shared_root / "warm-svd"))
+    run_dir = tmp_path / "run"
+    result = cli_with([*SVD, f"paths.root={shared_root}", f"hydra.run.dir={run_dir}"],
+                      file_limit=100_000)   # the compressed weights are ~370 kB
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write ") and "File too large" in line
+    assert leftovers(run_dir) == [] and not (run_dir / "metrics.json").exists()
+
+
+def test_read_only_output_folder_is_refused_before_hydra_writes(small_fs, shared_root):
+    mnt = small_fs("100k", "ro")
+    result = run_cli([*SVD, f"paths.root={shared_root}", f"hydra.run.dir={mnt}/run"],
+                     timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write below {mnt} (read-only or not yours); choose another "
+        f"hydra.run.dir or paths.root"]
+
+
+def test_read_only_shared_base_cache_that_holds_the_model_is_used(small_fs, shared_root,
+                                                                   tmp_path):
+    warm = pipeline.run(compose_cfg(SVD, shared_root, shared_root / "warm-ro"))
+    mnt = small_fs("20m")
+    shutil.copytree(shared_root / "base", mnt, dirs_exist_ok=True)
+    for lock in mnt.glob("*.lock"):
+        lock.unlink()
+    small_fs("20m", "ro")
+    cfg = compose_cfg([*SVD, f"paths.base={mnt}", f"paths.cache={shared_root}/cache"],
+                      tmp_path, tmp_path / "run")
+    metrics = pipeline.run(cfg)
+    assert metrics["base/cached"] == 1
+    assert metrics["test/ppl"] == pytest.approx(warm["test/ppl"], rel=1e-9)

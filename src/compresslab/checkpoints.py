@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresslab.errors import ConfigError
+from compresslab.filesystem import partial_file
 
 PLAN_FORMAT = "compresslab-plan/1"
 
@@ -102,7 +103,8 @@ def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with partial_file(tmp, path):
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -117,7 +119,8 @@ def save_state(model: nn.Module, path: Path) -> None:
         seen[key] = name
         tensors[name] = tensor.detach().contiguous().cpu()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with partial_file(tmp, path):
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
 

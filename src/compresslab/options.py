@@ -8,6 +8,8 @@ it: a name with a path separator would put the run in another folder, ``..`` out
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -56,7 +58,21 @@ def check_top_level(cfg: DictConfig) -> None:
 
 
 def check_command_line(argv: list[str]) -> None:
-    """``run_name=...`` given on the command line, checked before Hydra uses it."""
-    for arg in argv:
-        if arg.startswith("run_name="):
-            check_run_name(arg.split("=", 1)[1].strip("'\""))
+    """``run_name=...`` given on the command line, and the folder the run will write below
+    (``hydra.run.dir``, else ``paths.root``), checked before Hydra uses them."""
+    values = {a.split("=", 1)[0]: a.split("=", 1)[1].strip("'\"") for a in argv if "=" in a}
+    if "run_name" in values:
+        check_run_name(values["run_name"])
+    if not any(a in ("-m", "--multirun") for a in argv):
+        check_writable(values.get("hydra.run.dir") or values.get("paths.root") or "outputs")
+
+
+def check_writable(folder: str) -> None:
+    """The nearest existing folder at or above ``folder`` takes new files (access(2) says
+    so for a read-only file system even to root)."""
+    path = Path(folder).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write below {path} (read-only or not yours); choose "
+                          f"another hydra.run.dir or paths.root")

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from compresslab import integrity
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import is_main_process, wait_for_file
+from compresslab.filesystem import partial_file
 from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
 
@@ -149,7 +150,8 @@ class TextBlocksDataModule(TaskDataModule):
             if self.tokenizer is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 self.tokenizer = BPETokenizer(train_bpe(self.documents("train"), self.vocab_size))
-                self.tokenizer.backend.save(str(tok_file) + ".tmp")
+                with partial_file(str(tok_file) + ".tmp", tok_file):
+                    self.tokenizer.backend.save(str(tok_file) + ".tmp")
                 Path(str(tok_file) + ".tmp").replace(tok_file)
                 integrity.write_checksum(tok_file)
         else:
@@ -181,7 +183,8 @@ class TextBlocksDataModule(TaskDataModule):
             folder.mkdir(parents=True, exist_ok=True)
             ids = self.tokenizer.encode_documents(self.documents(split))
             tmp = folder / f"{split}.tmp.npy"
-            np.save(tmp, ids)
+            with partial_file(tmp, path):
+                np.save(tmp, ids)
             tmp.replace(path)
             integrity.write_checksum(path)
             ids = np.load(path, mmap_mode="r")

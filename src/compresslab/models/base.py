@@ -143,10 +143,14 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
         if main:
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_state(model, tmp / "model.safetensors")
-            write_checksum(tmp / "model.safetensors")
-            atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+            try:
+                tmp.mkdir()
+                save_state(model, tmp / "model.safetensors")
+                write_checksum(tmp / "model.safetensors")
+                atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+            except BaseException:  # (a full disk): no half-written entry left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
             os.replace(tmp, folder)
     return model.eval(), {**record, "cached": False, "pretrained_here": True,
