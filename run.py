@@ -39,6 +39,10 @@ def main(cfg: DictConfig) -> float | None:
     except FloatingPointError as exc:  # NaN/Inf loss, failed matrix repair
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # a full, read-only or size-limited file system: one line, exit 1
+        from compresslab.filesystem import exit_if_write_failure
+
+        exit_if_write_failure(exc)
     # the value Hydra sweepers optimise: the task's primary metric on the test split
     return metrics.get(cfg.get("objective", ""))
 
@@ -57,5 +61,11 @@ def command_line(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
-    main()
+    from compresslab.filesystem import exit_on_write_failure
+    from compresslab.interrupt import exit_on_signal
+
+    # SIGTERM/SIGINT/SIGHUP: exit 128+N, loggers closed; a full or read-only disk: exit 1;
+    # either with one line saying how to resume
+    with exit_on_signal(), exit_on_write_failure():
+        sys.argv = [sys.argv[0], *command_line(sys.argv[1:])]
+        main()

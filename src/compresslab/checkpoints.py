@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresslab.errors import ConfigError
+from compresslab.filesystem import partial_file
 
 PLAN_FORMAT = "compresslab-plan/1"
 
@@ -102,7 +103,8 @@ def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with partial_file(tmp, path):
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -117,7 +119,8 @@ def save_state(model: nn.Module, path: Path) -> None:
         seen[key] = name
         tensors[name] = tensor.detach().contiguous().cpu()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with partial_file(tmp, path):
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, user_file_mode())  # safetensors creates its files 0600
     os.replace(tmp, path)
 
@@ -266,6 +269,56 @@ def safe_source(source_cfg: dict[str, Any], where: str, trust_remote_code: bool 
         raise ConfigError(f"{where}: bad model source options: {exc}") from None
 
 
+#: fields of a plan that hold counts: positive integers
+PLAN_COUNTS = ("vocab_size", "num_classes", "image_size", "channels", "rank", "in_features",
+               "out_features", "heads", "kv_heads", "terms")
+
+
+def check_plan_types(spec: dict[str, Any], layers: dict[str, dict], where: str) -> None:
+    """Counts are positive integers and switches booleans, or a one-line ConfigError (not a
+    type comparison deep inside a model constructor)."""
+    def bad(value, kind) -> bool:
+        if kind == "count":
+            return isinstance(value, bool) or not isinstance(value, int) or value < 1
+        return not isinstance(value, bool)
+
+    fields = [("data_spec", k, v) for k, v in spec.items()]
+    fields += [(f"layer {n}", k, v) for n, e in layers.items() for k, v in e.items()]
+    for place, key, value in fields:
+        kind = "count" if key in PLAN_COUNTS else "switch" if key == "bias" else None
+        if kind and value is not None and bad(value, kind):
+            wanted = "a positive integer" if kind == "count" else "true or false"
+            raise ConfigError(f"{where}: {place}: {key} must be {wanted}, got {value!r}")
+    shape = spec.get("matrix_shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 2
+                              or any(bad(v, "count") for v in shape)):
+        raise ConfigError(f"{where}: data_spec: matrix_shape must be two positive integers, "
+                          f"got {shape!r}")
+
+
+def check_plan_shapes(source, spec, layers: dict[str, dict], weights: Path, where: str) -> None:
+    """The model the plan describes, built without memory (meta device), against the
+    weights file's header: a plan that does not fit its weights (e.g. a huge vocabulary)
+    is refused before the real model is allocated."""
+    try:
+        with torch.device("meta"):
+            model = apply_plan(source.skeleton(spec), layers)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot build the model it describes: "
+                          f"{str(exc).splitlines()[0]}") from None
+    stored = tensor_shapes(weights)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    unexpected = [k for k in stored if k not in expected]
+    wrong = [k for k in stored if k in expected and stored[k] != expected[k]]
+    if unexpected or wrong:
+        name = (wrong or unexpected)[0]
+        got = f"{stored[name]} in the file, {expected[name]} by the plan" if wrong \
+            else "not in the model the plan describes"
+        raise ConfigError(f"weights in {weights} do not match the model {where} describes "
+                          f"({len(unexpected)} unexpected, {len(wrong)} of wrong shape, "
+                          f"e.g. {name}: {got})")
+
+
 def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a model saved with :func:`save_compressed` (architecture from the
     plan's configs, structure from its layer entries, tensors from safetensors).
@@ -282,12 +335,14 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
     where = f"plan {folder / 'plan.json'}"
     source = safe_source(plan["model"]["source"], where, trust_remote_code)
     spec = dict(plan["data_spec"])
+    check_plan_types(spec, plan["layers"], where)
     if spec.get("matrix_shape"):
         spec["matrix_shape"] = tuple(spec["matrix_shape"])
     try:
         spec = DataSpec(**spec)
     except TypeError as exc:
         raise ConfigError(f"{where}: bad data_spec: {exc}") from None
+    check_plan_shapes(source, spec, plan["layers"], folder / "model.safetensors", where)
     try:
         model = source.build(spec)
     except (TypeError, ValueError) as exc:

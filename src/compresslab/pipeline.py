@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab import choices, resume, sharding, tracking
+from compresslab import choices, interrupt, resume, runlock, sharding, tracking
 from compresslab.checkpoints import atomic_write_text, save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -45,6 +45,7 @@ from compresslab.models.adapters import adapter_for
 from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
 from compresslab.models.utils import count_params
+from compresslab.options import check_top_level
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 
@@ -192,10 +193,18 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the metrics also written to ``metrics.json``."""
+    """Run one experiment; returns the metrics also written to ``metrics.json``. The run
+    folder is locked against a second process while it runs (:mod:`compresslab.runlock`)."""
     quiet_libraries()
     check_pair(cfg)   # a method x model pair outside the matrix: one line, no work
     run_dir = Path(cfg.run_dir)
+    interrupt.note_run_dir(run_dir)
+    with runlock.hold(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_top_level(cfg)
     state = resume.prepare_run_folder(cfg, run_dir)   # refuses results, another run's folder
     if state["attempts"] > 1:
         log.warning("continuing the interrupted run in %s (attempt %d)", run_dir,

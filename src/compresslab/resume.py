@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compresslab import runlock
 from compresslab.checkpoints import atomic_write_text, load_state, save_compressed
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
@@ -61,8 +63,11 @@ def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 # -- the run folder -----------------------------------------------------------------------------
 
 def comparable_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without :data:`RESUME_IGNORED` keys, as plain JSON data."""
+    """The resolved config without :data:`RESUME_IGNORED` keys, as plain JSON data; paths
+    inside the run folder are written relative to it (``<run_dir>/csv``), so that a run
+    folder resumed through a relative path or a symlink, or moved, still compares equal."""
     data = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    data = _relative_to_run_dir(data, cfg.get("run_dir"))
     for dotted in RESUME_IGNORED:
         *parents, last = dotted.split(".")
         node = data
@@ -71,6 +76,26 @@ def comparable_config(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(last, None)
     return data
+
+
+def _relative_to_run_dir(data: Any, run_dir: str | None) -> Any:
+    if not run_dir:
+        return data
+    forms = {str(run_dir), os.path.abspath(run_dir), str(Path(run_dir).resolve())}
+    forms = sorted((f.rstrip("/") for f in forms), key=len, reverse=True)
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, str):
+            for form in forms:
+                if value == form or value.startswith(form + "/"):
+                    return "<run_dir>" + value[len(form):]
+        return value
+
+    return relative(data)
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -95,6 +120,7 @@ def check_resume_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"resume={folder}: no such run folder")
+    runlock.check_free(folder)   # a live run is not an interrupted one
     if (folder / "metrics.json").exists():
         raise ConfigError(f"resume={folder}: the run already finished (metrics.json); "
                           f"nothing to resume")
@@ -120,7 +146,13 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if not saved_path.is_file():
         raise ConfigError(f"resume={folder}: no .hydra/config.yaml to take the run's config "
                           f"from; give the run's overrides with resume=")
-    saved = OmegaConf.load(saved_path)
+    try:
+        saved = OmegaConf.load(saved_path)
+    except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf raise several kinds)
+        raise ConfigError(f"resume={folder}: {saved_path} is damaged "
+                          f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(saved, DictConfig) or "model" not in saved:
+        raise ConfigError(f"resume={folder}: {saved_path} is damaged (not a run's config)")
     for key in keys:
         if key in RESUME_IGNORED:
             OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
@@ -129,15 +161,32 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return saved
 
 
-def read_state(folder: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object the framework wrote; a truncated or damaged file is one ConfigError
+    line naming it."""
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: {STATE_FILE} is damaged ({exc})") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: {path} is damaged ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} is damaged (not a JSON object)")
+    return data
+
+
+def read_state(folder: Path, what: str) -> dict[str, Any]:
+    state = read_json(folder / STATE_FILE, what)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{what}: {STATE_FILE} is damaged (no config)")
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(f"{what}: {STATE_FILE} has format {state.get('format')!r}, "
                           f"expected {STATE_FORMAT!r}")
     return state
+
+
+def saved_config(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The config a run saved, its run-folder paths relative (also in a state written
+    before they were stored so, as long as the folder has not moved)."""
+    return _relative_to_run_dir(state["config"], str(run_dir))
 
 
 def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -157,14 +206,14 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if folder.resolve() != run_dir.resolve():
             raise ConfigError(f"resume={folder} but the run folder is {run_dir}")
         state = read_state(run_dir, f"resume={folder}")
-        diff = config_difference(state["config"], now)
+        diff = config_difference(saved_config(state, run_dir), now)
         if diff:
             raise ConfigError(f"resume={folder}: the config differs from the run's ({diff}); "
                               f"resume with the run's own settings: python run.py "
                               f"resume={folder}")
     elif (run_dir / STATE_FILE).is_file():
         state = read_state(run_dir, f"run folder {run_dir}")
-        diff = config_difference(state["config"], now)
+        diff = config_difference(saved_config(state, run_dir), now)
         if diff and is_main_process():
             raise ConfigError(f"run folder {run_dir} holds an interrupted run with another "
                               f"config ({diff}); choose another folder")
@@ -236,7 +285,9 @@ def finished_stages(run_dir: Path, stages: list) -> list[dict[str, Any]]:
         marker = Path(run_dir) / "stages" / stage_key(index, stage.name) / "done.json"
         if not marker.is_file():
             break
-        record = json.loads(marker.read_text())
+        record = read_json(marker, "cannot resume")
+        if not all(key in record for key in ("stage", "plan", "metrics")):
+            raise ConfigError(f"cannot resume: {marker} is damaged (incomplete record)")
         record["folder"] = str(marker.parent)
         records.append(record)
     return records
@@ -289,6 +340,9 @@ def prepare_command_line(argv: list[str]) -> list[str]:
     """``run.py``'s arguments for Hydra: ``resume=DIR`` makes Hydra work in DIR itself and
     keep its saved ``.hydra/`` config; a ``hydra.run.dir`` holding a finished or
     interrupted run is refused before Hydra overwrites that run's ``.hydra/`` record."""
+    from compresslab.options import check_command_line
+
+    check_command_line(argv)
     return _protect_run_folder(_resume_in_place(argv))
 
 
@@ -308,8 +362,6 @@ def _resume_in_place(argv: list[str]) -> list[str]:
 
 
 def _protect_run_folder(argv: list[str]) -> list[str]:
-    import os
-
     dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     if (not dirs or any(a.startswith("resume=") for a in argv) or _multirun(argv)
             or max(int(os.environ.get(k, "0") or 0) for k in ("LOCAL_RANK", "RANK")) > 0):
@@ -317,6 +369,7 @@ def _protect_run_folder(argv: list[str]) -> list[str]:
     folder = Path(dirs[-1].strip("'\""))
     if (folder / "metrics.json").exists():
         raise ConfigError(f"run folder {folder} already holds results; refusing to overwrite")
+    runlock.check_free(folder)
     if (folder / STATE_FILE).exists():
         raise ConfigError(f"run folder {folder} holds an interrupted run; continue it with "
                           f"resume={folder} or choose another folder")

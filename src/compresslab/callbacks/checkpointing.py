@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from compresslab.filesystem import partial_file
 from compresslab.sharding import local_values
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class StageCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
+        with partial_file(tmp, filepath):  # a full disk leaves no half-written .tmp
+            trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
             os.replace(tmp, filepath)
         trainer.strategy.barrier()

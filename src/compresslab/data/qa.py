@@ -246,9 +246,15 @@ class JsonlQADataModule(QADataModule):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise ConfigError(f"{path}:{number} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number} is not a JSON object")
             missing = [k for k in keys if k not in row]
             if missing:
                 raise ConfigError(f"{path}:{number} lacks {', '.join(missing)} "
                                   f"(format {self.format})")
+            wrong = [k for k in keys if not isinstance(row[k], str)]
+            if wrong:
+                raise ConfigError(f"{path}:{number}: {wrong[0]} must be a text, got "
+                                  f"{type(row[wrong[0]]).__name__}")
             rows.append(make(row))
         return rows

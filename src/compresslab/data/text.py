@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from compresslab import integrity
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import is_main_process, wait_for_file
+from compresslab.filesystem import partial_file
 from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
 
@@ -103,6 +105,24 @@ def transformers_tokenizer(tokenizer):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
+def _cached_tokenizer(path: Path) -> BPETokenizer | None:
+    """The cached tokenizer, or None once a damaged one is removed."""
+    from tokenizers import Tokenizer
+
+    problem = integrity.checksum_problem(path)
+    if problem in (None, "no checksum recorded"):
+        try:
+            tokenizer = BPETokenizer(Tokenizer.from_file(str(path)))
+        except Exception as exc:  # noqa: BLE001  (tokenizers raises plain Exceptions)
+            problem = f"not a tokenizer: {str(exc).splitlines()[0][:200]}"
+        else:
+            if problem is not None:
+                integrity.adopt_checksum(path)
+            return tokenizer
+    integrity.discard_damaged(path, problem, is_main_process())
+    return None
+
+
 class TextBlocksDataModule(TaskDataModule):
     """Language modelling on a text corpus split into train/val/test documents.
 
@@ -137,15 +157,14 @@ class TextBlocksDataModule(TaskDataModule):
             tok_file = folder / "tokenizer.json"
             if not is_main_process():  # several processes (DDP): the main one writes caches
                 wait_for_file(tok_file)
-            if tok_file.is_file():
-                from tokenizers import Tokenizer
-
-                self.tokenizer = BPETokenizer(Tokenizer.from_file(str(tok_file)))
-            else:
+            self.tokenizer = _cached_tokenizer(tok_file) if tok_file.is_file() else None
+            if self.tokenizer is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 self.tokenizer = BPETokenizer(train_bpe(self.documents("train"), self.vocab_size))
-                self.tokenizer.backend.save(str(tok_file) + ".tmp")
+                with partial_file(str(tok_file) + ".tmp", tok_file):
+                    self.tokenizer.backend.save(str(tok_file) + ".tmp")
                 Path(str(tok_file) + ".tmp").replace(tok_file)
+                integrity.write_checksum(tok_file)
         else:
             self.tokenizer = BPETokenizer(tokenizer)
             folder = self._cache_folder({**ident, "tokenizer": self.tokenizer.identity()})
@@ -170,13 +189,38 @@ class TextBlocksDataModule(TaskDataModule):
         path = folder / f"{split}.npy"
         if not is_main_process():
             wait_for_file(path)
-        if not path.is_file():
+        ids = self._verified_ids(path) if path.is_file() else None
+        if ids is None:
             folder.mkdir(parents=True, exist_ok=True)
             ids = self.tokenizer.encode_documents(self.documents(split))
             tmp = folder / f"{split}.tmp.npy"
-            np.save(tmp, ids)
+            with partial_file(tmp, path):
+                np.save(tmp, ids)
             tmp.replace(path)
-        return np.load(path, mmap_mode="r")
+            integrity.write_checksum(path)
+            ids = np.load(path, mmap_mode="r")
+        return ids
+
+    def _verified_ids(self, path: Path) -> np.ndarray | None:
+        """The cached token array, or None once a damaged one is removed."""
+        problem = integrity.checksum_problem(path)
+        if problem in (None, "no checksum recorded"):
+            try:
+                ids = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as exc:
+                problem = f"not a token array: {str(exc).splitlines()[0]}"
+            else:
+                if problem is None:
+                    return ids
+                # written before checksums: check what can be checked, then record one
+                if ids.ndim != 1 or (len(ids) and (int(ids.min()) < 0 or int(ids.max())
+                                                   >= self.tokenizer.vocab_size)):
+                    problem = "token ids outside the tokenizer's vocabulary"
+                else:
+                    integrity.adopt_checksum(path)
+                    return ids
+        integrity.discard_damaged(path, problem, is_main_process())
+        return None
 
     def shared_tokenizer(self):
         return self.tokenizer.backend if self.tokenizer else None

@@ -66,6 +66,11 @@ class TextFilesDataModule(TextBlocksDataModule):
             raise ConfigError(f"dataset.{split} ({path}) has no column {self.text_field!r}; "
                               f"columns: {', '.join(data.column_names)}")
         lines = data[self.text_field]
+        wrong = next((i for i, t in enumerate(lines) if t is not None and not isinstance(t, str)),
+                     None)
+        if wrong is not None:
+            raise ConfigError(f"dataset.{split} ({path}): {self.text_field!r} of row "
+                              f"{wrong + 1} is a {type(lines[wrong]).__name__}, not a text")
         if fmt == "text":  # one document per file, lines joined back
             return ["\n".join(lines)]
         return [t for t in lines if t]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -27,9 +28,13 @@ from torch import nn
 from compresslab.checkpoints import atomic_write_text, load_state, save_state
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import is_main_process, wait_for
+from compresslab.errors import ConfigError
+from compresslab.integrity import adopt_checksum, checksum_problem, discard_damaged, write_checksum
 from compresslab.models.sources import ModelSource
 
 BASE_FORMAT = "compresslab-base/1"
+
+log = logging.getLogger(__name__)
 
 
 def data_identity(data_cfg: DictConfig, data: TaskDataModule) -> dict[str, Any]:
@@ -53,6 +58,39 @@ def base_key(cfg: DictConfig, data_cfg: DictConfig, data: TaskDataModule) -> str
     payload = {"model": model_identity(cfg),
                "data": data_identity(data_cfg, data), "format": BASE_FORMAT}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached_base(model: nn.Module, folder: Path, may_rebuild: bool) -> dict[str, Any] | None:
+    """Load the cached base model in ``folder`` into ``model``; its record, or None if the
+    entry is damaged (removed when ``may_rebuild``, for the caller to train it again)."""
+    weights = folder / "model.safetensors"
+    problem = checksum_problem(weights)
+    try:
+        record = json.loads((folder / "base.json").read_text())
+        if not isinstance(record, dict) or record.get("format") != BASE_FORMAT:
+            raise ValueError("not a base-model record")
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = f"{folder / 'base.json'} unreadable: {exc}"
+    if problem not in (None, "no checksum recorded"):
+        if not may_rebuild and not is_main_process():
+            discard_damaged(weights, problem, may_rebuild=False)
+        if may_rebuild:
+            log.warning("cached base model %s is damaged (%s); training it again", folder,
+                        problem)
+            _remove_base(folder)
+        return None
+    load_state(model, weights)
+    if problem is not None:  # written before checksums: the weights loaded, record one
+        adopt_checksum(weights)
+    return {**record, "cached": True, "folder": str(folder)}
+
+
+def _remove_base(folder: Path) -> None:
+    try:
+        shutil.rmtree(folder)
+    except OSError as exc:
+        raise ConfigError(f"cached base model {folder} is damaged and the cache cannot be "
+                          f"written ({exc.strerror}); delete it to train it again") from None
 
 
 def needs_pretraining(cfg: DictConfig) -> bool:
@@ -89,13 +127,16 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
         wait_for(lambda: record_path.is_file() or (
             training.is_file() and training.read_text() == str(cfg.run_dir)),
             f"{record_path} (or {training})")
+    L.seed_everything(int(cfg.model.pretrain.get("seed", 0)), verbose=False)
+    model = source.build(data.spec())
+    # a complete entry is read without the lock (a read-only shared cache cannot create it)
+    record = cached_base(model, folder, may_rebuild=False) if record_path.is_file() else None
+    if record is not None:
+        return model.eval(), record
     with FileLock(str(folder) + ".lock") if main else contextlib.nullcontext():
-        L.seed_everything(int(cfg.model.pretrain.get("seed", 0)), verbose=False)
-        model = source.build(data.spec())
-        if record_path.is_file():
-            load_state(model, folder / "model.safetensors")
-            record = json.loads(record_path.read_text())
-            return model.eval(), {**record, "cached": True, "folder": str(folder)}
+        record = cached_base(model, folder, main) if record_path.is_file() else None
+        if record is not None:
+            return model.eval(), record
         start = time.perf_counter()
         if main:
             atomic_write_text(training, str(cfg.run_dir))
@@ -110,9 +151,14 @@ def build_base_model(cfg: DictConfig, source: ModelSource, data: TaskDataModule,
         if main:
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_state(model, tmp / "model.safetensors")
-            atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+            try:
+                tmp.mkdir()
+                save_state(model, tmp / "model.safetensors")
+                write_checksum(tmp / "model.safetensors")
+                atomic_write_text(tmp / "base.json", json.dumps(record, indent=1, default=str))
+            except BaseException:  # (a full disk): no half-written entry left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
             os.replace(tmp, folder)
     return model.eval(), {**record, "cached": False, "pretrained_here": True,

@@ -44,6 +44,9 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
     folder = checkpoint_dir(ctx.run_dir, key)
     last = folder / "last.ckpt"
     resume_from = last if last.is_file() else None
+    if resume_from is not None and checkpoint_step(resume_from) is None:
+        raise ConfigError(f"cannot resume stage {where}: checkpoint {last} is damaged; "
+                          f"delete it to train the stage again from its start")
     every = checkpoint_every if checkpoint_every is not None else ctx.cfg.get("checkpoint_every")
     seed = int(torch.randint(2**62, ()).item())
     ckpt = StageCheckpoint(folder, int(every), val_every, save_on_end=phase is not None) \
