@@ -154,3 +154,20 @@ def test_bench_builds_every_compressed_form_of_each_model(name):
             assert abs(info["achieved_ratio"] - info["target_ratio"]) < 0.01, form
         if form.endswith("align_channels=8"):
             assert all(c % 8 == 0 for c in info["mlp_channels"]), form
+
+
+def test_dln_step_costs_and_table():
+    _bench_module()                                  # puts experiments/bench on the path
+    import dln_bench
+
+    costs = dln_bench.step_costs(steps=3, rounds=1, log=lambda msg: None)
+    assert set(costs) == {"10", "20", "100"}
+    assert all(c["closed_form"] > 0 and c["autograd"] > 0 for c in costs.values())
+    run = {"steps": 100, "gd_s": 2.0, "ms_per_step": 20.0, "stage_s": 4.0, "final_loss": 1e-12}
+    fast = {**run, "steps": 50, "gd_s": 0.1, "stage_s": 1.0}
+    text = dln_bench.tables({"steps": {"10": {"closed_form": 0.1, "autograd": 0.5}},
+                             "speedups": {"completion": {"original": run, "compressed": fast,
+                                                         "gd_speedup": 20.0,
+                                                         "stage_speedup": 4.0}}})
+    assert "| 10 | 0.100 | 0.500 | 5.0x | 0.175 |" in text
+    assert "| completion | 100 / 50 | 2.00 / 0.100 | 20.0x | 4.0 / 1.00 | 4.0x | 13.7x |" in text

@@ -39,6 +39,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling parts (dln_bench)
 
 from compresslab.metrics.speed import (  # noqa: E402
     TensorMemory,
@@ -582,6 +583,15 @@ def cost_table(costs: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def run_dln_part(out: Path, log) -> dict:
+    import dln_bench
+
+    log("dln: ms per GD step")
+    steps = dln_bench.step_costs(log=log)
+    log("dln: original vs compressed runs")
+    return {"steps": steps, "speedups": dln_bench.speedups(out / "dln_runs", log)}
+
+
 def render(results: dict, tables: Path) -> Path:
     env = results.get("env", {})
     parts = ["# Speed, memory and compression cost (make bench)\n",
@@ -624,6 +634,10 @@ def render(results: dict, tables: Path) -> Path:
                      "after building the model. Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))
+    if results.get("dln"):
+        import dln_bench
+
+        parts.append("\n## Deep linear networks\n\n" + dln_bench.tables(results["dln"]) + "\n")
     tables.mkdir(parents=True, exist_ok=True)
     path = tables / "bench.md"
     path.write_text("".join(parts))
@@ -692,8 +706,9 @@ def main() -> None:
                         help="torch threads for every measurement (recorded)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--models", default="llama_tiny,llama_1024x8,vit_tiny")
-    parser.add_argument("--only", default="speed,rounding,cost",
-                        help="parts to run: speed, rounding, cost, big (merged into the JSON)")
+    parser.add_argument("--only", default="speed,rounding,cost,dln",
+                        help="parts to run: speed, rounding, cost, dln, big (merged into the "
+                             "JSON)")
     parser.add_argument("--big", action="store_true", help="also run the ~1B memory part")
     parser.add_argument("--round-to", type=int, default=None,
                         help="round_to compared with exact ranks at ratio 0.5 (default: the "
@@ -767,6 +782,9 @@ def main() -> None:
         jobs = [(name, method) for name in chosen if models[name].text
                 for method in COST_METHODS]
         results["cost"] = run_costs(jobs, args.threads, args.cost_jobs, log)
+        save()
+    if "dln" in parts:
+        results["dln"] = run_dln_part(out, log)
         save()
     if "big" in parts:
         results["big"] = [{**run_cost("llama_1b", "svd_llm", args.threads, log,
