@@ -389,3 +389,26 @@ def test_run_numerical_pruning_on_vit_end_to_end(shared_root, tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == metrics["params/compressed"]
     assert all(bool(torch.isfinite(p).all()) for p in loaded.parameters())
     _check_vit_heads(loaded)
+
+
+def test_layer_inputs_collect_only_what_the_criterion_and_compensator_read():
+    from compresslab.compress.structured_pruning import (
+        BiasCompensation,
+        MagnitudeScore,
+        NumericalScore,
+        OBSCompensation,
+        WandaScore,
+        layer_inputs_for,
+    )
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    numerical = layer_inputs_for(NumericalScore(0.2), OBSCompensation())()
+    numerical.update(x)
+    torch.testing.assert_close(numerical.gram, x.T @ x)
+    assert numerical.sum is None                               # no moments were computed
+    wanda = layer_inputs_for(WandaScore(), BiasCompensation())()
+    wanda.update(x)
+    torch.testing.assert_close(wanda.l2_norm, x.pow(2).sum(0).sqrt())
+    with pytest.raises(RuntimeError, match="without the Gram"):
+        _ = wanda.gram
+    assert layer_inputs_for(MagnitudeScore(), None)().moments is False

@@ -467,14 +467,30 @@ def cost_worker(spec: dict) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     model = run_stage(stage, key, model, ctx)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak, params = peak_rss_bytes(), param_count(model)
+    del model
+    floor = measured_floor(spec["method"], stage, bm, samples)
     return {"model": spec["model"], "method": spec["method"], "stage": key,
             "threads": spec["threads"], "time_s": wall, "cpu_s": cpu,
-            "params": param_count(model), "model_bytes": weights,
+            "params": params, "model_bytes": weights,
             "rss_start_bytes": rss_start, "rss_model_bytes": rss_model,
-            "peak_rss_model_bytes": peak_model, "peak_rss_bytes": peak_rss_bytes(),
-            "rss_end_bytes": current_rss_bytes(),
+            "peak_rss_model_bytes": peak_model, "peak_rss_bytes": peak,
+            "rss_end_bytes": current_rss_bytes(), **floor,
             "params_ratio": ctx.metrics.get(f"{key}/params_ratio"),
             "calibration_samples": samples if stage_calibrates(stage) else 0}
+
+
+def measured_floor(method: str, stage, bm: BenchModel, samples: int) -> dict:
+    """The method's floor (experiments/bench/floor.py) on a fresh dense copy, timed after
+    the stage so that it does not change the stage's peak RSS."""
+    import floor
+
+    if method not in floor.FLOOR_METHODS:
+        return {}
+    from compresslab.models.adapters import adapter_for
+
+    dense = bm.build()
+    return floor.floor_seconds(method, stage, dense, adapter_for(dense), bm.batch(samples))
 
 
 def stage_calibrates(stage) -> bool:
@@ -493,7 +509,8 @@ def run_cost(model: str, method: str, threads: int, log, timeout: int = 3600) ->
         return {"model": model, "method": method, "error": proc.stderr[-500:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - start
-    log(f"  cost {model}/{method}: {result['time_s']:.1f} s ({result['cpu_s']:.1f} CPU s), "
+    log(f"  cost {model}/{method}: {result['time_s']:.1f} s ({result['cpu_s']:.1f} CPU s; "
+        f"floor {result.get('floor_s', float('nan')):.1f} s), "
         f"peak RSS {result['peak_rss_bytes'] / GiB:.2f} GiB (model "
         f"{result['model_bytes'] / GiB:.2f} GiB)")
     return result
@@ -561,20 +578,31 @@ def rounding_table(studies: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def floor_cells(cost: dict) -> list[str]:
+    """The floor (forward + linalg seconds) and the stage's wall time in floors."""
+    if "floor_s" not in cost:
+        return ["-"] * 4
+    return [f"{cost['floor_s']:.1f} ({cost['forward_s']:.1f} + {cost['linalg_s']:.1f})",
+            fmt_ratio(ratio(cost["time_s"], cost["floor_s"])),
+            f"{cost['floor_cpu_s']:.1f}", fmt_ratio(ratio(cost["cpu_s"], cost["floor_cpu_s"]))]
+
+
 def cost_table(costs: list[dict]) -> str:
     from compresslab.report import markdown_table
 
-    header = ["model", "method (stage)", "threads", "wall s", "CPU s", "peak RSS GiB",
+    header = ["model", "method (stage)", "threads", "wall s", "CPU s", "floor s (forward + "
+              "linalg)", "x floor", "floor CPU s", "x floor CPU", "peak RSS GiB",
               "model GiB", "peak / model", "runtime RSS GiB", "(peak - runtime) / model",
               "stage adds GiB", "removed"]
     body = []
     for c in costs:
         if "error" in c:
-            body.append([c["model"], c["method"], *["failed"] + ["-"] * 10])
+            body.append([c["model"], c["method"], *["failed"] + ["-"] * 14])
             continue
         peak, model, runtime = c["peak_rss_bytes"], c["model_bytes"], c["rss_start_bytes"]
         body.append([c["model"], f"{c['method']} ({c['stage']})", c["threads"],
                      f"{c['time_s']:.1f}", f"{c.get('cpu_s', float('nan')):.1f}",
+                     *floor_cells(c),
                      f"{peak / GiB:.2f}", f"{model / GiB:.3g}", f"{peak / model:.2f}",
                      f"{runtime / GiB:.2f}", f"{(peak - runtime) / model:.2f}",
                      f"{(peak - c['peak_rss_model_bytes']) / GiB:.2f}"
@@ -631,7 +659,12 @@ def render(results: dict, tables: Path) -> Path:
                      "peak RSS (VmHWM) of a fresh process that built the fp32 model and ran "
                      "the stage: Python, torch and the model included; 'runtime' is the RSS "
                      "before the model was built, 'stage adds' the peak above the peak "
-                     "after building the model. Measurements run "
+                     "after building the model. 'floor': what the method cannot avoid, "
+                     "timed in the same process (one dense forward pass of the calibration "
+                     "set + the SVDs / Cholesky factorisations / solves it must do, "
+                     "experiments/bench/floor.py); 'x floor' = wall / floor, 'x floor CPU' "
+                     "the same in process CPU time (steadier on a shared machine). "
+                     "Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))
     if results.get("dln"):

@@ -18,7 +18,7 @@ with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +30,35 @@ from compresslab.errors import NumericalError
 
 
 class LayerInputs(ChannelMoments):
-    """Per-channel moments plus the Gram matrix ``X^T X`` (float64) of one layer's inputs."""
+    """Per-channel moments plus the Gram matrix ``X^T X`` (float64) of one layer's inputs;
+    ``moments=False`` / ``gram=False`` skip a part nobody reads (each costs about one
+    float64 pass over the inputs)."""
 
-    def __init__(self):
+    def __init__(self, moments: bool = True, gram: bool = True):
         super().__init__()
-        self._gram = Gram(torch.float64)
+        self.moments = moments
+        self._gram = Gram(torch.float64) if gram else None
 
     def update(self, x):
-        super().update(x)
-        self._gram.update(x)
+        if self.moments:
+            super().update(x)
+        if self._gram is not None:
+            self._gram.update(x)
 
     @property
     def gram(self) -> torch.Tensor:
+        if self._gram is None:
+            raise RuntimeError("LayerInputs collected without the Gram matrix")
         return self._gram.gram
+
+
+def layer_inputs_for(*users) -> Callable[[], LayerInputs]:
+    """A factory of :class:`LayerInputs` with the parts that ``users`` (criteria,
+    compensators; None ignored) read: their ``needs_moments`` / ``needs_gram``."""
+    users = [u for u in users if u is not None]
+    moments = any(getattr(u, "needs_moments", True) for u in users)
+    gram = any(getattr(u, "needs_gram", True) for u in users)
+    return lambda: LayerInputs(moments, gram)
 
 
 def group_reduce(channel_scores: torch.Tensor, group_size: int, how: str) -> torch.Tensor:
@@ -100,6 +116,9 @@ class Criterion:
 
     #: structure scores are comparable across layers (global allocation) only after this
     standardize: bool = False
+    #: which parts of :class:`LayerInputs` the criterion reads
+    needs_moments: bool = True
+    needs_gram: bool = True
 
     def __call__(self, weight: torch.Tensor, inputs: LayerInputs,
                  group_size: int) -> torch.Tensor:
@@ -114,6 +133,8 @@ class NumericalScore(Criterion):
     """Soft-mask score of the numerical pruning paper: ``z*`` per input channel, the mean
     over a structure's channels. ``ratio`` sets the mask budget ``r = (1 - ratio) D``;
     ``newton_steps > 0`` iterates Newton instead of the closed form (same result)."""
+
+    needs_moments = False
 
     def __init__(self, ratio: float, lam: float = 1.0, damping: float = 1e-4,
                  newton_steps: int = 0):
@@ -134,12 +155,16 @@ class NumericalScore(Criterion):
 class MagnitudeScore(Criterion):
     """Magnitude-sp: L2 norm of a structure's input rows of the consuming layer."""
 
+    needs_moments = needs_gram = False
+
     def __call__(self, weight, inputs, group_size):
         return group_reduce(weight.double().pow(2).sum(0), group_size, "sum").sqrt()
 
 
 class WandaScore(Criterion):
     """Wanda-sp: ``mean_i |W_ij| * ||X_j||_2`` per channel, summed over a structure."""
+
+    needs_gram = False
 
     def __call__(self, weight, inputs, group_size):
         channel = weight.double().abs().mean(0) * inputs.l2_norm
@@ -151,6 +176,7 @@ class FluctuationScore(Criterion):
     per layer before the global allocation."""
 
     standardize = True
+    needs_gram = False
 
     def __call__(self, weight, inputs, group_size):
         channel = inputs.variance * weight.double().pow(2).sum(0)
@@ -269,6 +295,9 @@ class Compensator:
     """``compensator(linear, inputs, pruned)`` updates ``linear`` in place before the
     input channels ``pruned`` are deleted from it."""
 
+    needs_moments: bool = True
+    needs_gram: bool = True
+
     def __call__(self, linear: nn.Linear, inputs: LayerInputs, pruned: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -303,6 +332,8 @@ def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
 class OBSCompensation(Compensator):
     """Group-OBS update of the remaining input rows (``damping``: relative gamma)."""
 
+    needs_moments = False
+
     def __init__(self, damping: float = 0.01):
         self.damping = damping
         self.repairs = RepairLog("compensation_cholesky")
@@ -319,6 +350,8 @@ class OBSCompensation(Compensator):
 class BiasCompensation(Compensator):
     """FLAP: add the pruned channels' mean contribution ``W[:, p] x_mean[p]`` to the bias
     (the layer gets a bias if it had none)."""
+
+    needs_gram = False
 
     def __call__(self, linear, inputs, pruned):
         if not len(pruned):
