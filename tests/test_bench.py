@@ -203,3 +203,13 @@ def test_floor_times_the_forward_and_the_factorisations(method, monkeypatch):
     else:                           # two Cholesky factorisations per o_proj and down_proj
         assert [shape for _, shape in factorised] == [(16, 16)] * 2 + [(24, 24)] * 2 + \
             [(16, 16)] * 2 + [(24, 24)] * 2
+
+
+def test_thread_table_reports_the_ratio():
+    _bench_module()
+    import threads_bench
+
+    text = threads_bench.table({"llama_x": {"params": 1_330_000, "batch": 8, "cores": 2,
+                                            "ms_1_thread": 400.0, "ms_all_cores": 800.0,
+                                            "all_cores_over_1": 2.0}})
+    assert "| llama_x | 1.33M | 8 | 400.0 | 800.0 (2) | 2.00 |" in text

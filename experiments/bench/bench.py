@@ -667,6 +667,10 @@ def render(results: dict, tables: Path) -> Path:
                      "Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))
+    if results.get("threads"):
+        import threads_bench
+
+        parts.append("\n## Threads\n\n" + threads_bench.table(results["threads"]) + "\n")
     if results.get("dln"):
         import dln_bench
 
@@ -739,9 +743,9 @@ def main() -> None:
                         help="torch threads for every measurement (recorded)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--models", default="llama_tiny,llama_1024x8,vit_tiny")
-    parser.add_argument("--only", default="speed,rounding,cost,dln",
-                        help="parts to run: speed, rounding, cost, dln, big (merged into the "
-                             "JSON)")
+    parser.add_argument("--only", default="speed,rounding,cost,dln,threads",
+                        help="parts to run: speed, rounding, cost, dln, threads, big (merged "
+                             "into the JSON)")
     parser.add_argument("--big", action="store_true", help="also run the ~1B memory part")
     parser.add_argument("--round-to", type=int, default=None,
                         help="round_to compared with exact ranks at ratio 0.5 (default: the "
@@ -818,6 +822,12 @@ def main() -> None:
         save()
     if "dln" in parts:
         results["dln"] = run_dln_part(out, log)
+        save()
+    if "threads" in parts:
+        import threads_bench
+
+        log("threads: one training step at 1 thread and at every core")
+        results["threads"] = threads_bench.thread_costs({n: models[n] for n in chosen}, log=log)
         save()
     if "big" in parts:
         results["big"] = [{**run_cost("llama_1b", "svd_llm", args.threads, log,
