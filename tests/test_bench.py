@@ -126,7 +126,7 @@ def test_bench_table_renders_ratios(tmp_path):
     assert "| lowrank r0.5 | 2M | 0.500 | 1.90x |" in text
     assert "1.75x | 1.80x" in text
     assert "| llama_x | svd_llm (compress) | 1 | 2.0 | 1.5 | 1.0 (0.5 + 0.5) | 2.00x | 0.5 | " \
-        "3.00x | 3.00 | 1 | 3.00 | 0.50 | 2.50 | - | 0.400 |" in text
+        "3.00x | - | 3.00 | 1 | 3.00 | 0.50 | 2.50 | - | 0.400 |" in text
 
 
 def test_shared_svd_equals_plain_svd_at_every_rank():
@@ -193,6 +193,7 @@ def test_floor_times_the_forward_and_the_factorisations(method, monkeypatch):
                             factorised.append((name, tuple(a.shape))) or real(a, *args, **kw))
     out = floor.floor_seconds(method, stage, model, adapter, torch.randint(0, 30, (6, 5)))
     assert out["floor_s"] == pytest.approx(out["forward_s"] + out["linalg_s"])
+    assert ("gram_s" in out) == (method != "svd")
     assert (out["forward_s"] == 0) == (method == "svd")
     layers = list(adapter.compressible_linears(model).values())
     if method == "svd":

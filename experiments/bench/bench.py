@@ -581,23 +581,24 @@ def rounding_table(studies: list[dict]) -> str:
 def floor_cells(cost: dict) -> list[str]:
     """The floor (forward + linalg seconds) and the stage's wall time in floors."""
     if "floor_s" not in cost:
-        return ["-"] * 4
+        return ["-"] * 5
     return [f"{cost['floor_s']:.1f} ({cost['forward_s']:.1f} + {cost['linalg_s']:.1f})",
             fmt_ratio(ratio(cost["time_s"], cost["floor_s"])),
-            f"{cost['floor_cpu_s']:.1f}", fmt_ratio(ratio(cost["cpu_s"], cost["floor_cpu_s"]))]
+            f"{cost['floor_cpu_s']:.1f}", fmt_ratio(ratio(cost["cpu_s"], cost["floor_cpu_s"])),
+            f"{cost['gram_s']:.1f}" if "gram_s" in cost else "-"]
 
 
 def cost_table(costs: list[dict]) -> str:
     from compresslab.report import markdown_table
 
     header = ["model", "method (stage)", "threads", "wall s", "CPU s", "floor s (forward + "
-              "linalg)", "x floor", "floor CPU s", "x floor CPU", "peak RSS GiB",
+              "linalg)", "x floor", "floor CPU s", "x floor CPU", "X^T X s", "peak RSS GiB",
               "model GiB", "peak / model", "runtime RSS GiB", "(peak - runtime) / model",
               "stage adds GiB", "removed"]
     body = []
     for c in costs:
         if "error" in c:
-            body.append([c["model"], c["method"], *["failed"] + ["-"] * 14])
+            body.append([c["model"], c["method"], *["failed"] + ["-"] * 15])
             continue
         peak, model, runtime = c["peak_rss_bytes"], c["model_bytes"], c["rss_start_bytes"]
         body.append([c["model"], f"{c['method']} ({c['stage']})", c["threads"],
@@ -663,7 +664,9 @@ def render(results: dict, tables: Path) -> Path:
                      "timed in the same process (one dense forward pass of the calibration "
                      "set + the SVDs / Cholesky factorisations / solves it must do, "
                      "experiments/bench/floor.py); 'x floor' = wall / floor, 'x floor CPU' "
-                     "the same in process CPU time (steadier on a shared machine). "
+                     "the same in process CPU time (steadier on a shared machine); "
+                     "'X^T X s': one accumulation of every distinct layer input's Gram "
+                     "matrix on the calibration tokens, not in the floor. "
                      "Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))

@@ -14,8 +14,11 @@ method cannot avoid, timed in the same process as the method itself.
     and MLP down projection), one Cholesky of its ``D x D`` mask Hessian for the score and
     one of its ``2 X^T X + gamma I`` for the group-OBS compensation (float64).
 
-Not in the floor: accumulating ``X^T X`` (it costs about as much as the forward pass per
-layer that needs it), forming the mask Hessian, the pruned layers' copies, Python.
+Not in the floor: accumulating ``X^T X`` on the calibration tokens, forming the mask
+Hessian, the pruned layers' copies, Python. The Gram accumulation is timed beside the
+floor (``gram_s``: once per distinct layer input, in the method's precision: float32 for
+the whitened SVDs, float64 for numerical pruning) because it is what most of the gap
+between a calibrated method and its floor is made of.
 """
 
 from __future__ import annotations
@@ -88,6 +91,31 @@ def linalg_seconds(method: str, model, adapter) -> float:
     return time.perf_counter() - start
 
 
+#: the dtype each method accumulates its X^T X in, and the roles whose inputs it needs
+GRAM = {"svd_llm": (torch.float32, ("q", "o", "gate", "down")),
+        "spectrum": (torch.float32, ("q", "o", "gate", "down")),
+        "numerical_pruning": (torch.float64, ("o", "down"))}
+
+
+@torch.inference_mode()
+def gram_seconds(method: str, model, adapter, tokens: int, chunk: int = 2048) -> float:
+    """One ``X^T X`` per distinct layer input of every block over ``tokens`` rows (random
+    rows, ``chunk`` at a time: the cost depends on the shapes only)."""
+    if method not in GRAM:
+        return 0.0
+    dtype, roles = GRAM[method]
+    widths = [adapter.block_linears(block)[r].in_features for block in adapter.blocks(model)
+              for r in roles if r in adapter.block_linears(block)]
+    rows = {n: torch.randn(min(chunk, tokens), n, dtype=dtype) for n in set(widths)}
+    start = time.perf_counter()
+    for n in widths:
+        gram = torch.zeros(n, n, dtype=dtype)
+        for done in range(0, tokens, chunk):
+            x = rows[n][:min(chunk, tokens - done)]
+            gram.addmm_(x.T, x)
+    return time.perf_counter() - start
+
+
 def floor_seconds(method: str, stage, model, adapter, inputs: torch.Tensor) -> dict:
     """``forward_s``, ``linalg_s`` and their sum ``floor_s`` (wall) for ``method`` on the
     dense ``model`` (``inputs``: at least the stage's calibration samples), and
@@ -98,5 +126,9 @@ def floor_seconds(method: str, stage, model, adapter, inputs: torch.Tensor) -> d
         samples, batch_size = calibration_shape(stage)
         forward = forward_seconds(model, adapter, inputs[:samples], batch_size)
     linalg = linalg_seconds(method, model, adapter)
-    return {"forward_s": forward, "linalg_s": linalg, "floor_s": forward + linalg,
-            "floor_cpu_s": time.process_time() - cpu}
+    out = {"forward_s": forward, "linalg_s": linalg, "floor_s": forward + linalg,
+           "floor_cpu_s": time.process_time() - cpu}
+    if method in GRAM:
+        samples, _ = calibration_shape(stage)
+        out["gram_s"] = gram_seconds(method, model, adapter, samples * inputs.shape[1])
+    return out
