@@ -91,6 +91,18 @@ def test_notebook_init_is_v_u_unscaled_at_depth_two():
         dln.spectral_init(m_hat, width=3, depth=3, eps=0.05, init="notebook")
 
 
+def test_notebook_init_runs_at_depth_two_from_unit_modes(tmp_path):
+    run(compose_cfg(["experiment=dln_completion", "method=dln_compressed",
+                     "model.source.depth=2", "method.stages.compress.init=notebook",
+                     "dataset.datamodule.d=12", "dataset.datamodule.r=2",
+                     "method.stages.train.max_steps=3", "method.stages.train.callbacks=[]",
+                     "method.stages.train.sv_every=1", "method.alpha=1"],
+                    tmp_path, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "train_trajectory.json").read_text())
+    # W(0) = U_4 V_4^T: four singular values at 1 (the paper's start has them at eps^2)
+    torch.testing.assert_close(as64(record["sv"][0]), as64([1.0] * 4), rtol=1e-12, atol=0)
+
+
 SMALL = ["experiment=dln_factorization", "dataset.datamodule.d=12", "dataset.datamodule.r=2",
          "method.stages.train.max_steps=40", "model.source.init_scale=0.1",
          "method.stages.train.optim.lr=8", "method.stages.train.callbacks=[]",
