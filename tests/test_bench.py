@@ -120,12 +120,13 @@ def test_bench_table_renders_ratios(tmp_path):
                "cost": [{"model": "llama_x", "method": "svd_llm", "stage": "compress",
                          "threads": 1, "time_s": 2.0, "cpu_s": 1.5,
                          "peak_rss_bytes": 3 * 2**30, "model_bytes": 2**30,
-                         "rss_start_bytes": 2**29, "params_ratio": 0.4}]}
+                         "rss_start_bytes": 2**29, "params_ratio": 0.4, "forward_s": 0.5,
+                         "linalg_s": 0.5, "floor_s": 1.0, "floor_cpu_s": 0.5}]}
     text = bench.render(results, tmp_path).read_text()
     assert "| lowrank r0.5 | 2M | 0.500 | 1.90x |" in text
     assert "1.75x | 1.80x" in text
-    assert "| llama_x | svd_llm (compress) | 1 | 2.0 | 1.5 | 3.00 | 1 | 3.00 | 0.50 | 2.50 | " \
-        "- | 0.400 |" in text
+    assert "| llama_x | svd_llm (compress) | 1 | 2.0 | 1.5 | 1.0 (0.5 + 0.5) | 2.00x | 0.5 | " \
+        "3.00x | - | 3.00 | 1 | 3.00 | 0.50 | 2.50 | - | 0.400 |" in text
 
 
 def test_shared_svd_equals_plain_svd_at_every_rank():
@@ -154,3 +155,62 @@ def test_bench_builds_every_compressed_form_of_each_model(name):
             assert abs(info["achieved_ratio"] - info["target_ratio"]) < 0.01, form
         if form.endswith("align_channels=8"):
             assert all(c % 8 == 0 for c in info["mlp_channels"]), form
+
+
+def test_dln_step_costs_and_table():
+    _bench_module()                                  # puts experiments/bench on the path
+    import dln_bench
+
+    costs = dln_bench.step_costs(steps=3, rounds=1, log=lambda msg: None)
+    assert set(costs) == {"10", "20", "100"}
+    assert all(c["closed_form"] > 0 and c["autograd"] > 0 for c in costs.values())
+    run = {"steps": 100, "gd_s": 2.0, "ms_per_step": 20.0, "stage_s": 4.0, "final_loss": 1e-12}
+    fast = {**run, "steps": 50, "gd_s": 0.1, "stage_s": 1.0}
+    text = dln_bench.tables({"steps": {"10": {"closed_form": 0.1, "autograd": 0.5}},
+                             "speedups": {"completion": {"original": run, "compressed": fast,
+                                                         "gd_speedup": 20.0,
+                                                         "stage_speedup": 4.0}}})
+    assert "| 10 | 0.100 | 0.500 | 5.0x | 0.175 |" in text
+    assert "| completion | 100 / 50 | 2.00 / 0.100 | 20.0x | 4.0 / 1.00 | 4.0x | 13.7x |" in text
+
+
+@pytest.mark.parametrize("method", ["svd", "svd_llm", "numerical_pruning"])
+def test_floor_times_the_forward_and_the_factorisations(method, monkeypatch):
+    _bench_module()
+    import floor
+
+    from compresslab.models.adapters import adapter_for
+
+    model = TinyLlama(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24).build(
+        DataSpec("text", vocab_size=30)).eval()
+    adapter = adapter_for(model)
+    stage = type("Stage", (), {"num_samples": 4, "batch_size": 2})()
+    factorised = []
+    for name in ("svd", "cholesky"):
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name,
+                            lambda a, *args, real=real, name=name, **kw:
+                            factorised.append((name, tuple(a.shape))) or real(a, *args, **kw))
+    out = floor.floor_seconds(method, stage, model, adapter, torch.randint(0, 30, (6, 5)))
+    assert out["floor_s"] == pytest.approx(out["forward_s"] + out["linalg_s"])
+    assert ("gram_s" in out) == (method != "svd")
+    assert (out["forward_s"] == 0) == (method == "svd")
+    layers = list(adapter.compressible_linears(model).values())
+    if method == "svd":
+        assert factorised == [("svd", tuple(lin.weight.shape)) for lin in layers]
+    elif method == "svd_llm":       # per weight: Cholesky of its in x in Gram, SVD of W L
+        assert factorised == [x for lin in layers for x in (
+            ("cholesky", (lin.in_features,) * 2), ("svd", tuple(lin.weight.shape)))]
+    else:                           # two Cholesky factorisations per o_proj and down_proj
+        assert [shape for _, shape in factorised] == [(16, 16)] * 2 + [(24, 24)] * 2 + \
+            [(16, 16)] * 2 + [(24, 24)] * 2
+
+
+def test_thread_table_reports_the_ratio():
+    _bench_module()
+    import threads_bench
+
+    text = threads_bench.table({"llama_x": {"params": 1_330_000, "batch": 8, "cores": 2,
+                                            "ms_1_thread": 400.0, "ms_all_cores": 800.0,
+                                            "all_cores_over_1": 2.0}})
+    assert "| llama_x | 1.33M | 8 | 400.0 | 800.0 (2) | 2.00 |" in text

@@ -117,3 +117,23 @@ def test_statistics_of_converted_inputs_are_accumulated_in_bounded_chunks(monkey
         torch.testing.assert_close(getattr(moments, name), getattr(whole_moments, name),
                                    rtol=1e-12, atol=1e-12)
     assert gram.count == moments.count == 35
+
+
+def test_collect_stops_the_block_once_every_layer_has_its_input():
+    """Statistics of the attention output only: the MLP is not run (but the statistic is
+    the one a full pass gives); with keep_outputs the whole block runs."""
+    model = _llama()
+    adapter = adapter_for(model)
+    calib = BlockwiseCalibration(model, adapter, [torch.randint(0, 40, (2, 9))] * 2)
+    _, block = next(iter(calib))
+    o_proj = {"o": adapter.attention_linears(block)["o"]}
+    mlp_calls = []
+    handle = adapter.mlp_linears(block)["down"].register_forward_hook(
+        lambda m, i, o: mlp_calls.append(1))
+    early = calib.collect(block, o_proj, lambda: Gram(torch.float64))["o"]
+    assert mlp_calls == []
+    full = calib.collect(block, o_proj, lambda: Gram(torch.float64), keep_outputs=True)["o"]
+    handle.remove()
+    assert len(mlp_calls) == 2
+    torch.testing.assert_close(early.gram, full.gram, rtol=0, atol=0)
+    assert early.count == full.count == 36

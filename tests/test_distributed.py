@@ -332,10 +332,14 @@ def test_ddp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
     assert len(list((two / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow
 def test_fsdp_cpu_matches_one_process_and_only_rank_0_writes(tmp_path):
     """trainer=fsdp_cpu (FSDP2, 2 processes): every trained stage and evaluation runs on
     the sharded model, which is gathered back whole between them; the numbers are those
-    of one process (same batches, as under DDP), and only rank 0 writes."""
+    of one process (same batches, as under DDP), and only rank 0 writes. Slow (~75 s on
+    2 busy cores: three runs of PELA, two of them in two processes), like its DDP twin;
+    the fast suite keeps FSDP's shard/gather round trip
+    (test_shard_then_gather_gives_back_the_same_plain_model)."""
     _matches_one_process(tmp_path, ["trainer=fsdp_cpu"], env={"WANDB_MODE": "disabled"})
 
 

@@ -455,3 +455,26 @@ def test_flap_reference_order_keeps_heads_competitive_with_channels(tmp_path):
         removed[name] = 16 - sum(ctx.adapter.attention_groups(b)[0]
                                  for b in ctx.adapter.blocks(model))
     assert removed["reference"] + 3 <= removed["head means"], removed   # 1 and 5 here
+
+
+def test_layer_inputs_collect_only_what_the_criterion_and_compensator_read():
+    from compresslab.compress.structured_pruning import (
+        BiasCompensation,
+        MagnitudeScore,
+        NumericalScore,
+        OBSCompensation,
+        WandaScore,
+        layer_inputs_for,
+    )
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    numerical = layer_inputs_for(NumericalScore(0.2), OBSCompensation())()
+    numerical.update(x)
+    torch.testing.assert_close(numerical.gram, x.T @ x)
+    assert numerical.sum is None                               # no moments were computed
+    wanda = layer_inputs_for(WandaScore(), BiasCompensation())()
+    wanda.update(x)
+    torch.testing.assert_close(wanda.l2_norm, x.pow(2).sum(0).sqrt())
+    with pytest.raises(RuntimeError, match="without the Gram"):
+        _ = wanda.gram
+    assert layer_inputs_for(MagnitudeScore(), None)().moments is False

@@ -39,6 +39,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling parts (dln_bench)
 
 from compresslab.metrics.speed import (  # noqa: E402
     TensorMemory,
@@ -102,12 +103,15 @@ class BenchModel:
                 "seq_len": self.seq_len or None, "throughput_batch": self.throughput_batch}
 
 
-def _config_source(model: str, **overrides):
+def _config_source(model: str):
+    """The model source ``model=<model>`` builds (composed with its defaults: the family
+    config, no checkpoint path, i.e. the embedded model)."""
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    node = OmegaConf.load(CONFIGS / "model" / f"{model}.yaml").source
-    return instantiate(OmegaConf.merge(node, overrides))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}"])
+    return instantiate(cfg.model.source)
 
 
 def bench_models() -> dict[str, BenchModel]:
@@ -455,14 +459,30 @@ def cost_worker(spec: dict) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     model = run_stage(stage, key, model, ctx)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak, params = peak_rss_bytes(), param_count(model)
+    del model
+    floor = measured_floor(spec["method"], stage, bm, samples)
     return {"model": spec["model"], "method": spec["method"], "stage": key,
             "threads": spec["threads"], "time_s": wall, "cpu_s": cpu,
-            "params": param_count(model), "model_bytes": weights,
+            "params": params, "model_bytes": weights,
             "rss_start_bytes": rss_start, "rss_model_bytes": rss_model,
-            "peak_rss_model_bytes": peak_model, "peak_rss_bytes": peak_rss_bytes(),
-            "rss_end_bytes": current_rss_bytes(),
+            "peak_rss_model_bytes": peak_model, "peak_rss_bytes": peak,
+            "rss_end_bytes": current_rss_bytes(), **floor,
             "params_ratio": ctx.metrics.get(f"{key}/params_ratio"),
             "calibration_samples": samples if stage_calibrates(stage) else 0}
+
+
+def measured_floor(method: str, stage, bm: BenchModel, samples: int) -> dict:
+    """The method's floor (experiments/bench/floor.py) on a fresh dense copy, timed after
+    the stage so that it does not change the stage's peak RSS."""
+    import floor
+
+    if method not in floor.FLOOR_METHODS:
+        return {}
+    from compresslab.models.adapters import adapter_for
+
+    dense = bm.build()
+    return floor.floor_seconds(method, stage, dense, adapter_for(dense), bm.batch(samples))
 
 
 def stage_calibrates(stage) -> bool:
@@ -481,7 +501,8 @@ def run_cost(model: str, method: str, threads: int, log, timeout: int = 3600) ->
         return {"model": model, "method": method, "error": proc.stderr[-500:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - start
-    log(f"  cost {model}/{method}: {result['time_s']:.1f} s ({result['cpu_s']:.1f} CPU s), "
+    log(f"  cost {model}/{method}: {result['time_s']:.1f} s ({result['cpu_s']:.1f} CPU s; "
+        f"floor {result.get('floor_s', float('nan')):.1f} s), "
         f"peak RSS {result['peak_rss_bytes'] / GiB:.2f} GiB (model "
         f"{result['model_bytes'] / GiB:.2f} GiB)")
     return result
@@ -549,26 +570,47 @@ def rounding_table(studies: list[dict]) -> str:
     return markdown_table(header, body)
 
 
+def floor_cells(cost: dict) -> list[str]:
+    """The floor (forward + linalg seconds) and the stage's wall time in floors."""
+    if "floor_s" not in cost:
+        return ["-"] * 5
+    return [f"{cost['floor_s']:.1f} ({cost['forward_s']:.1f} + {cost['linalg_s']:.1f})",
+            fmt_ratio(ratio(cost["time_s"], cost["floor_s"])),
+            f"{cost['floor_cpu_s']:.1f}", fmt_ratio(ratio(cost["cpu_s"], cost["floor_cpu_s"])),
+            f"{cost['gram_s']:.1f}" if "gram_s" in cost else "-"]
+
+
 def cost_table(costs: list[dict]) -> str:
     from compresslab.report import markdown_table
 
-    header = ["model", "method (stage)", "threads", "wall s", "CPU s", "peak RSS GiB",
+    header = ["model", "method (stage)", "threads", "wall s", "CPU s", "floor s (forward + "
+              "linalg)", "x floor", "floor CPU s", "x floor CPU", "X^T X s", "peak RSS GiB",
               "model GiB", "peak / model", "runtime RSS GiB", "(peak - runtime) / model",
               "stage adds GiB", "removed"]
     body = []
     for c in costs:
         if "error" in c:
-            body.append([c["model"], c["method"], *["failed"] + ["-"] * 10])
+            body.append([c["model"], c["method"], *["failed"] + ["-"] * 15])
             continue
         peak, model, runtime = c["peak_rss_bytes"], c["model_bytes"], c["rss_start_bytes"]
         body.append([c["model"], f"{c['method']} ({c['stage']})", c["threads"],
                      f"{c['time_s']:.1f}", f"{c.get('cpu_s', float('nan')):.1f}",
+                     *floor_cells(c),
                      f"{peak / GiB:.2f}", f"{model / GiB:.3g}", f"{peak / model:.2f}",
                      f"{runtime / GiB:.2f}", f"{(peak - runtime) / model:.2f}",
                      f"{(peak - c['peak_rss_model_bytes']) / GiB:.2f}"
                      if "peak_rss_model_bytes" in c else "-",
                      "-" if c["params_ratio"] is None else f"{c['params_ratio']:.3f}"])
     return markdown_table(header, body)
+
+
+def run_dln_part(out: Path, log) -> dict:
+    import dln_bench
+
+    log("dln: ms per GD step")
+    steps = dln_bench.step_costs(log=log)
+    log("dln: original vs compressed runs")
+    return {"steps": steps, "speedups": dln_bench.speedups(out / "dln_runs", log)}
 
 
 def render(results: dict, tables: Path) -> Path:
@@ -610,9 +652,24 @@ def render(results: dict, tables: Path) -> Path:
                      "peak RSS (VmHWM) of a fresh process that built the fp32 model and ran "
                      "the stage: Python, torch and the model included; 'runtime' is the RSS "
                      "before the model was built, 'stage adds' the peak above the peak "
-                     "after building the model. Measurements run "
+                     "after building the model. 'floor': what the method cannot avoid, "
+                     "timed in the same process (one dense forward pass of the calibration "
+                     "set + the SVDs / Cholesky factorisations / solves it must do, "
+                     "experiments/bench/floor.py); 'x floor' = wall / floor, 'x floor CPU' "
+                     "the same in process CPU time (steadier on a shared machine); "
+                     "'X^T X s': one accumulation of every distinct layer input's Gram "
+                     "matrix on the calibration tokens, not in the floor. "
+                     "Measurements run "
                      f"{results.get('env', {}).get('cost_jobs', 1)} at a time.\n\n"
                      + cost_table(costs))
+    if results.get("threads"):
+        import threads_bench
+
+        parts.append("\n## Threads\n\n" + threads_bench.table(results["threads"]) + "\n")
+    if results.get("dln"):
+        import dln_bench
+
+        parts.append("\n## Deep linear networks\n\n" + dln_bench.tables(results["dln"]) + "\n")
     tables.mkdir(parents=True, exist_ok=True)
     path = tables / "bench.md"
     path.write_text("".join(parts))
@@ -681,8 +738,9 @@ def main() -> None:
                         help="torch threads for every measurement (recorded)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--models", default="llama_tiny,llama_1024x8,vit_tiny")
-    parser.add_argument("--only", default="speed,rounding,cost",
-                        help="parts to run: speed, rounding, cost, big (merged into the JSON)")
+    parser.add_argument("--only", default="speed,rounding,cost,dln,threads",
+                        help="parts to run: speed, rounding, cost, dln, threads, big (merged "
+                             "into the JSON)")
     parser.add_argument("--big", action="store_true", help="also run the ~1B memory part")
     parser.add_argument("--round-to", type=int, default=None,
                         help="round_to compared with exact ranks at ratio 0.5 (default: the "
@@ -756,6 +814,15 @@ def main() -> None:
         jobs = [(name, method) for name in chosen if models[name].text
                 for method in COST_METHODS]
         results["cost"] = run_costs(jobs, args.threads, args.cost_jobs, log)
+        save()
+    if "dln" in parts:
+        results["dln"] = run_dln_part(out, log)
+        save()
+    if "threads" in parts:
+        import threads_bench
+
+        log("threads: one training step at 1 thread and at every core")
+        results["threads"] = threads_bench.thread_costs({n: models[n] for n in chosen}, log=log)
         save()
     if "big" in parts:
         results["big"] = [{**run_cost("llama_1b", "svd_llm", args.threads, log,

@@ -48,6 +48,7 @@ from compresslab.models.utils import count_params
 from compresslab.options import check_top_level
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
+from compresslab.threads import run_threads
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if state["attempts"] > 1:
         log.warning("continuing the interrupted run in %s (attempt %d)", run_dir,
                     state["attempts"])
-    torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
 
     source: ModelSource = build_object(cfg.model.source, "model.source")
     data: TaskDataModule = build_object(cfg.dataset.datamodule, "dataset.datamodule")
@@ -218,6 +218,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stages = build_stages(cfg)
     check_settings(cfg, source, data, pre_data)
     bare = skeleton(source, pre_data or data)
+    torch.set_num_threads(run_threads(cfg.get("threads"), bare))
     source.check_weights(bare)
     adapter = adapter_for(bare)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, adapter=adapter, data=data)

@@ -159,10 +159,19 @@ class BlockwiseCalibration:
         object, updated once per batch. ``keep_outputs``: keep the block's outputs so that
         :meth:`advance` feeds them to the next block instead of running the block again:
         either the block stays unchanged until then, or the caller wants the next block
-        to see the *unchanged* block's outputs (dense-model statistics)."""
+        to see the *unchanged* block's outputs (dense-model statistics). Without it, the
+        block's forward stops as soon as every layer of ``layers`` has had its input (the
+        rest of the block would only compute outputs nobody reads)."""
         stats: dict[str, InputStatistic] = {}
         owner: dict[str, str] = {}                         # layer -> layer it shares with
         seen: dict[int, tuple[torch.Tensor, str]] = {}     # this batch's inputs, first layer
+        reached: set[str] = set()                          # layers fed in this batch
+
+        def hook(name: str, x: torch.Tensor) -> None:
+            update(name, x)
+            reached.add(name)
+            if not keep_outputs and len(reached) == len(layers):
+                raise _StopForward
 
         def update(name: str, x: torch.Tensor) -> None:
             hit = seen.get(id(x))
@@ -178,13 +187,17 @@ class BlockwiseCalibration:
                 stats[name].update(x)
 
         handles = [module.register_forward_hook(
-            lambda _m, inp, _out, name=name: update(name, inp[0]))
+            lambda _m, inp, _out, name=name: hook(name, inp[0]))
             for name, module in layers.items()]
         outputs = []
         try:
             for args, kwargs in self.inputs:
                 seen.clear()
-                out = _first(block(*args, **kwargs))
+                reached.clear()
+                try:
+                    out = _first(block(*args, **kwargs))
+                except _StopForward:
+                    continue
                 if keep_outputs:
                     outputs.append(out)
         finally:

@@ -33,12 +33,21 @@ def mean_curvature(batch: dict[str, torch.Tensor]) -> float:
     return 1.0 / batch["target"].numel()
 
 
+SPECTRAL_INITS = ("paper", "notebook")
+
+
 def spectral_init(m_hat: torch.Tensor, width: int, depth: int,
-                  eps: float) -> list[torch.Tensor]:
+                  eps: float, init: str = "paper") -> list[torch.Tensor]:
     """Layer weights (first to last) of the compressed network: with ``M_hat = U S V^T``,
-    ``eps V[:, :width]^T``, ``eps I`` (middle layers), ``eps U[:, :width]``."""
+    ``eps V[:, :width]^T``, ``eps I`` (middle layers), ``eps U[:, :width]`` (``paper``,
+    the paper's formula), or at depth 2 ``[V^T, U]`` without the eps scale (``notebook``:
+    how the authors' depth-2 notebook starts the compressed network)."""
     if depth < 2:
         raise ValueError("the compressed network needs at least two layers")
+    if init == "notebook":
+        if depth != 2:
+            raise ValueError("the notebook's unscaled start [V^T, U] is for depth 2")
+        eps = 1.0
     u, _, vh = torch.linalg.svd(m_hat, full_matrices=False)
     middle = [eps * torch.eye(width, dtype=m_hat.dtype) for _ in range(depth - 2)]
     return [eps * vh[:width].clone(), *middle, eps * u[:, :width].clone()]

@@ -18,7 +18,7 @@ with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +30,35 @@ from compresslab.errors import NumericalError
 
 
 class LayerInputs(ChannelMoments):
-    """Per-channel moments plus the Gram matrix ``X^T X`` (float64) of one layer's inputs."""
+    """Per-channel moments plus the Gram matrix ``X^T X`` (float64) of one layer's inputs;
+    ``moments=False`` / ``gram=False`` skip a part nobody reads (each costs about one
+    float64 pass over the inputs)."""
 
-    def __init__(self):
+    def __init__(self, moments: bool = True, gram: bool = True):
         super().__init__()
-        self._gram = Gram(torch.float64)
+        self.moments = moments
+        self._gram = Gram(torch.float64) if gram else None
 
     def update(self, x):
-        super().update(x)
-        self._gram.update(x)
+        if self.moments:
+            super().update(x)
+        if self._gram is not None:
+            self._gram.update(x)
 
     @property
     def gram(self) -> torch.Tensor:
+        if self._gram is None:
+            raise RuntimeError("LayerInputs collected without the Gram matrix")
         return self._gram.gram
+
+
+def layer_inputs_for(*users) -> Callable[[], LayerInputs]:
+    """A factory of :class:`LayerInputs` with the parts that ``users`` (criteria,
+    compensators; None ignored) read: their ``needs_moments`` / ``needs_gram``."""
+    users = [u for u in users if u is not None]
+    moments = any(getattr(u, "needs_moments", True) for u in users)
+    gram = any(getattr(u, "needs_gram", True) for u in users)
+    return lambda: LayerInputs(moments, gram)
 
 
 def group_reduce(channel_scores: torch.Tensor, group_size: int, how: str) -> torch.Tensor:
@@ -98,6 +114,10 @@ def numerical_mask_newton(hl: torch.Tensor, keep: float, lam: float, steps: int 
 class Criterion:
     """Scores the input structures of a consuming linear (``weight``: out x in)."""
 
+    #: which parts of :class:`LayerInputs` the criterion reads
+    needs_moments: bool = True
+    needs_gram: bool = True
+
     def __call__(self, weight: torch.Tensor, inputs: LayerInputs,
                  group_size: int) -> torch.Tensor:
         raise NotImplementedError
@@ -111,6 +131,8 @@ class NumericalScore(Criterion):
     """Soft-mask score of the numerical pruning paper: ``z*`` per input channel, the mean
     over a structure's channels. ``ratio`` sets the mask budget ``r = (1 - ratio) D``;
     ``newton_steps > 0`` iterates Newton instead of the closed form (same result)."""
+
+    needs_moments = False
 
     def __init__(self, ratio: float, lam: float = 1.0, damping: float = 1e-4,
                  newton_steps: int = 0):
@@ -132,12 +154,16 @@ class MagnitudeScore(Criterion):
     """Magnitude-sp as the FLAP authors' code scores it: the L2 norm of each input column
     of the consuming layer, summed over a structure's columns (not their joint norm)."""
 
+    needs_moments = needs_gram = False
+
     def __call__(self, weight, inputs, group_size):
         return group_reduce(weight.double().pow(2).sum(0).sqrt(), group_size, "sum")
 
 
 class WandaScore(Criterion):
     """Wanda-sp: ``mean_i |W_ij| * ||X_j||_2`` per channel, summed over a structure."""
+
+    needs_gram = False
 
     def __call__(self, weight, inputs, group_size):
         channel = weight.double().abs().mean(0) * inputs.l2_norm
@@ -152,6 +178,8 @@ class FluctuationScore(Criterion):
     instead spreads them over several standard deviations, and heads lose far more).
     Attention layers are told apart by ``group_size > 1`` (an MLP channel is one input);
     ``square_heads: false`` drops the square."""
+
+    needs_gram = False
 
     def __init__(self, square_heads: bool = True):
         self.square_heads = square_heads
@@ -276,6 +304,9 @@ class Compensator:
     """``compensator(linear, inputs, pruned)`` updates ``linear`` in place before the
     input channels ``pruned`` are deleted from it."""
 
+    needs_moments: bool = True
+    needs_gram: bool = True
+
     def __call__(self, linear: nn.Linear, inputs: LayerInputs, pruned: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -310,6 +341,8 @@ def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
 class OBSCompensation(Compensator):
     """Group-OBS update of the remaining input rows (``damping``: relative gamma)."""
 
+    needs_moments = False
+
     def __init__(self, damping: float = 0.01):
         self.damping = damping
         self.repairs = RepairLog("compensation_cholesky")
@@ -326,6 +359,8 @@ class OBSCompensation(Compensator):
 class BiasCompensation(Compensator):
     """FLAP: add the pruned channels' mean contribution ``W[:, p] x_mean[p]`` to the bias
     (the layer gets a bias if it had none)."""
+
+    needs_gram = False
 
     def __call__(self, linear, inputs, pruned):
         if not len(pruned):

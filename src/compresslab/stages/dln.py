@@ -75,13 +75,17 @@ class DLNRecorder:
         self.eps = [float(torch.linalg.svdvals(w).min()) for w in self.initial]
 
     @torch.no_grad()
-    def record(self, iteration: int, loss: float, seconds: float, model, adapter, batch,
-               logger=None, final: bool = False) -> None:
-        w = model.end_to_end()
+    def record(self, iteration: int, loss: float, seconds: float, w: torch.Tensor,
+               weights: list[torch.Tensor], batch, logger=None, final: bool = False) -> None:
+        """Row ``iteration``: the loss, end-to-end matrix ``w`` and layer ``weights`` all of
+        the same iterate (before its update)."""
         mse, rel = recovery_errors(w, batch)
         row = {"step": iteration, "time_s": seconds, "loss": loss, "recovery_mse": mse,
                "recovery_rel": rel}
         self.steps.append(row)
+        if not (final or iteration % self.sv_every == 0 or iteration % self.diag_every == 0
+                or (logger is not None and iteration % self.log_every == 0)):
+            return  # the common case: nothing else is due at this step
         logs = {f"dln/{k}": v for k, v in row.items() if k != "step"}
         if final or iteration % self.sv_every == 0:
             s = torch.linalg.svdvals(w)[:self.top_k]
@@ -89,7 +93,7 @@ class DLNRecorder:
             self.sv.append(s.tolist())
             logs.update({f"dln/sv{i}": float(v) for i, v in enumerate(s)})
         if final or iteration % self.diag_every == 0:
-            logs.update(self.record_diagnostics(iteration, layer_weights(model, adapter)))
+            logs.update(self.record_diagnostics(iteration, weights))
         if logger is not None and (final or iteration % self.log_every == 0):
             logger.log_metrics(logs, step=iteration)
 
@@ -112,32 +116,35 @@ class DLNRecorder:
 class DeepLinearGD(L.LightningModule):
     """Plain gradient descent, ``steps_per_call`` steps per Lightning training step.
 
-    Layer ``l`` steps ``W_l -= lrs[l] * grad_l`` with gradients from
-    ``torch.autograd.grad``: no optimiser object, so that Lightning's per-call
-    overhead (~1 ms) does not hide the cost of the step itself on small problems.
-    Each step is counted in Lightning's optimiser-step progress, so ``global_step``
-    (and every callback keyed on it) counts gradient steps.
+    Layer ``l`` steps ``W_l -= lrs[l] * grad_l``, no optimiser object, so that Lightning's
+    per-call overhead does not hide the cost of the step itself on small problems. The
+    gradients come from the closed form of :class:`~compresslab.compress.dln_gd.ProductGD`
+    (``gradients="closed_form"``, when the model and task allow it) or from
+    ``torch.autograd.grad`` (``"autograd"``). Each step is counted in Lightning's
+    optimiser-step progress, so ``global_step`` (and every callback keyed on it) counts
+    gradient steps.
     """
 
     def __init__(self, model: nn.Module, adapter, task, lrs: list[float], max_steps: int,
-                 steps_per_call: int, stop_loss: float | None, recorder: DLNRecorder):
+                 steps_per_call: int, stop_loss: float | None, recorder: DLNRecorder,
+                 gradients: str = "closed_form"):
         super().__init__()
         self.model, self.adapter, self.task = model, adapter, task
         self.lrs, self.max_steps, self.steps_per_call = lrs, max_steps, steps_per_call
-        self.stop_loss, self.recorder = stop_loss, recorder
+        self.stop_loss, self.recorder, self.gradients = stop_loss, recorder, gradients
         self.automatic_optimization = False
         self.iteration, self.gd_seconds = 0, 0.0
         self.finished, self._resumed = False, False
+        self.stepper = None
 
     def configure_optimizers(self):
         return None
 
     def configure_model(self):
         """Under FSDP the deep linear net stays whole in every process (not sharded): the
-        plain GD step differentiates with respect to the layer weights themselves
-        (``torch.autograd.grad``), which sharded parameters would not be, and every
-        process takes the same full-batch step, as under DDP. The hook exists because
-        Lightning's ModelParallelStrategy requires it."""
+        plain GD step differentiates with respect to the layer weights themselves, which
+        sharded parameters would not be, and every process takes the same full-batch step,
+        as under DDP. The hook exists because Lightning's ModelParallelStrategy requires it."""
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["compresslab"] = {"iteration": self.iteration, "gd_seconds": self.gd_seconds,
@@ -156,43 +163,65 @@ class DeepLinearGD(L.LightningModule):
         if not self._resumed:  # a resumed run keeps the initial weights it recorded
             self.recorder.start(self.weights)
 
+    def make_stepper(self, batch):
+        from compresslab.compress import dln_gd
+
+        plain = dln_gd.plain_weights(self.model, self.adapter.compressible_linears(
+            self.model).values())
+        if self.gradients == "closed_form" and plain is not None and closed_form_task(self.task):
+            return dln_gd.ProductGD(plain, self.lrs, batch)
+        return dln_gd.AutogradGD(self.model, self.adapter, self.task, self.weights, self.lrs,
+                                 batch)
+
     def count_step(self) -> None:
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         progress.increment_ready()
         progress.increment_completed()
 
-    def gd_step(self, batch) -> tuple[float, bool]:
-        """The loss at the current weights; then one step unless the run is done."""
-        loss = self.task.loss(self.model, self.adapter, batch)
-        value = float(loss.detach())
-        done = self.iteration >= self.max_steps or (
-            self.stop_loss is not None and value < self.stop_loss)
-        if not done:
-            grads = torch.autograd.grad(loss, self.weights)
-            with torch.no_grad():
-                for weight, grad, lr in zip(self.weights, grads, self.lrs):
-                    weight.sub_(grad, alpha=lr)
-        return value, done
-
     def training_step(self, batch, batch_idx):
         if self.finished:  # resumed from the checkpoint written when training ended
             self.trainer.should_stop = True
             return None
+        if self.stepper is None:
+            self.stepper = self.make_stepper(batch)
         for _ in range(self.steps_per_call):
-            start = time.perf_counter()
-            value, done = self.gd_step(batch)
-            self.gd_seconds += time.perf_counter() - start
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"training loss is {value} at step {self.iteration}")
-            self.recorder.record(self.iteration, value, self.gd_seconds, self.model,
-                                 self.adapter, batch, self.logger, final=done)
-            if done:
+            if self.gd_iteration(batch):
                 self.finished = True
                 self.trainer.should_stop = True
                 return None
-            self.iteration += 1
-            self.count_step()
         return None
+
+    def gd_iteration(self, batch) -> bool:
+        """Loss at the current iterate, its record, then the step to the next one unless the
+        run is done (returns True then). ``time_s`` counts the GD arithmetic only."""
+        start = time.perf_counter()
+        value = self.stepper.forward()
+        self.gd_seconds += time.perf_counter() - start
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"training loss is {value} at step {self.iteration}")
+        done = self.iteration >= self.max_steps or (
+            self.stop_loss is not None and value < self.stop_loss)
+        self.recorder.record(self.iteration, value, self.gd_seconds, self.stepper.product,
+                             self.weights, batch, self.logger, final=done)
+        if done:
+            return True
+        start = time.perf_counter()
+        self.stepper.update()
+        self.gd_seconds += time.perf_counter() - start
+        self.iteration += 1
+        self.count_step()
+        return False
+
+
+def closed_form_task(task) -> bool:
+    """Tasks whose loss :class:`~compresslab.compress.dln_gd.EndToEndLoss` reproduces."""
+    from compresslab.data.matrix_recovery import MatrixSensingTask
+    from compresslab.tasks import MatrixRecoveryTask
+
+    return type(task) in (MatrixRecoveryTask, MatrixSensingTask)
+
+
+GRADIENTS = ("closed_form", "autograd")
 
 
 def plain_gd_lr(optim: OptimConfig, stage: str) -> float:
@@ -218,6 +247,9 @@ class DeepLinearGDStage(Stage):
     2r updated directions are only ~eps^2 of the largest change, a few 1e-6 at eps=1e-2,
     while the d - 2r uniformly shrunk directions sit near 1e-9); ``eps_rtol``: a singular
     value of ``W_l(t)`` within this relative distance of eps counts as still at eps.
+    ``gradients``: ``closed_form`` (the product's gradients without autograd, for
+    bias-free linear layers and the matrix-recovery losses; anything else falls back) or
+    ``autograd``.
     """
 
     def __init__(self, max_steps: int = 100000, optim: dict | None = None, alpha: float = 1.0,
@@ -225,8 +257,10 @@ class DeepLinearGDStage(Stage):
                  sv_every: int = 10, diag_every: int = 100, top_k: int | None = None,
                  learned_fraction: float = 0.5, thresholds: list[float] = (1e-10,),
                  rank_rtol: float = 1e-7, eps_rtol: float = 1e-3,
-                 callbacks: list | None = None, checkpoint_every: int | None = None):
+                 callbacks: list | None = None, checkpoint_every: int | None = None,
+                 gradients: str = "closed_form"):
         self.max_steps, self.alpha, self.steps_per_call = max_steps, alpha, steps_per_call
+        self.gradients = gradients
         self.optim = OptimConfig.from_cfg(optim or {"name": "sgd", "lr": 1.0,
                                                     "schedule": "constant", "grad_clip": None})
         self.stop_loss, self.log_every, self.top_k = stop_loss, log_every, top_k
@@ -246,6 +280,9 @@ class DeepLinearGDStage(Stage):
                 raise ConfigError(f"stage {self.name}: {key} must be at least 1")
         if not self.alpha > 0:
             raise ConfigError(f"stage {self.name}: alpha must be positive, got {self.alpha}")
+        if self.gradients not in GRADIENTS:
+            raise ConfigError(f"stage {self.name}: gradients must be one of {GRADIENTS}, "
+                              f"got {self.gradients!r}")
         if not 0 < self.learned_fraction <= 1:
             raise ConfigError(f"stage {self.name}: learned_fraction must lie in (0, 1]")
 
@@ -262,7 +299,8 @@ class DeepLinearGDStage(Stage):
         recorder = DLNRecorder(self.sv_every, self.diag_every, self.top_k or 2 * rank,
                                self.log_every, self.eps_rtol, self.rank_rtol)
         module = DeepLinearGD(model, ctx.adapter, ctx.data.task, self.layer_lrs(depth),
-                              self.max_steps, self.steps_per_call, self.stop_loss, recorder)
+                              self.max_steps, self.steps_per_call, self.stop_loss, recorder,
+                              self.gradients)
         for cb in self.callbacks:
             if hasattr(cb, "file_prefix") and not cb.file_prefix.startswith(f"{self.name}_"):
                 cb.file_prefix = f"{self.name}_{cb.file_prefix}"
@@ -317,10 +355,12 @@ class DeepLinearGDStage(Stage):
 class SpectralInitStage(Stage):
     """Replace an L-layer deep linear network by the width-``width`` network initialised
     from the surrogate ``M_hat`` of the data (``width`` null: twice the data's ``r``;
-    ``init_scale``: eps)."""
+    ``init_scale``: eps). ``init``: ``paper`` (every layer scaled by eps, the paper's
+    formula) or ``notebook`` (the authors' depth-2 notebook: ``[V^T, U]`` unscaled)."""
 
-    def __init__(self, width: int | None = None, init_scale: float = 1e-2):
-        self.width, self.init_scale = width, init_scale
+    def __init__(self, width: int | None = None, init_scale: float = 1e-2,
+                 init: str = "paper"):
+        self.width, self.init_scale, self.init = width, init_scale, init
 
     def resolve_width(self, ctx: RunContext) -> int:
         if self.width is not None:
@@ -343,6 +383,12 @@ class SpectralInitStage(Stage):
                               f"{min(rows, cols)}] for a {rows} x {cols} target")
         if not self.init_scale > 0:
             raise ConfigError(f"stage {self.name}: init_scale must be positive")
+        if self.init not in dln.SPECTRAL_INITS:
+            raise ConfigError(f"stage {self.name}: init must be one of {dln.SPECTRAL_INITS}, "
+                              f"got {self.init!r}")
+        if self.init == "notebook" and len(layers) != 2:
+            raise ConfigError(f"stage {self.name}: init=notebook is the authors' depth-2 "
+                              f"start; this network has depth {len(layers)}")
 
     def run(self, model, ctx):
         from compresslab.models.utils import count_params, set_module
@@ -350,7 +396,7 @@ class SpectralInitStage(Stage):
         width, dense = self.resolve_width(ctx), count_params(model)
         layers = ctx.adapter.compressible_linears(model)
         m_hat = dln.surrogate(ctx.data.batch)
-        weights = dln.spectral_init(m_hat, width, len(layers), self.init_scale)
+        weights = dln.spectral_init(m_hat, width, len(layers), self.init_scale, self.init)
         for (name, old), weight in zip(layers.items(), weights):
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=old.weight.dtype)
             with torch.no_grad():

@@ -35,10 +35,10 @@ from compresslab.compress.structured_pruning import (
     Allocator,
     Compensator,
     Criterion,
-    LayerInputs,
     LayerScores,
     align_kept,
     kept_channels,
+    layer_inputs_for,
     removed_channels,
     sliced_linear,
 )
@@ -249,7 +249,7 @@ class StructuredPruneStage(Stage):
             layouts = {kind: make(adapter, block) for kind, make in LAYOUTS.items()}
             # the score pass changes no block: its outputs feed the next block as they are
             inputs = walk.collect(block, {k: v["consumer"] for k, v in layouts.items()},
-                                  LayerInputs, keep_outputs=True)
+                                  layer_inputs_for(self.criterion), keep_outputs=True)
             for kind, lay in layouts.items():
                 try:
                     scores = self.criterion(lay["consumer"].weight.data, inputs[kind],
@@ -271,7 +271,8 @@ class StructuredPruneStage(Stage):
                 if not removed:
                     continue
                 if self.compensator is not None:
-                    inputs = walk.collect(block, {"c": lay["consumer"]}, LayerInputs)["c"]
+                    inputs = walk.collect(block, {"c": lay["consumer"]},
+                                          layer_inputs_for(self.compensator))["c"]
                     try:
                         self.compensator(lay["consumer"], inputs, removed_channels(
                             lay["count"], lay["group_size"], removed))
