@@ -39,7 +39,7 @@ PROBLEMS = {
                        "method.stages.train.optim.lr=20", "method.stages.train.log_every=1000"],
                       "recovery_mse"),
     "completion": (["experiment=dln_completion"], "recovery_mse"),
-    # the spec's size (d=200, r=5, m=4000, lr 20); the loss levels off just above 1e-12
+    # the paper's size (d=200, r=5, m=4000, lr 20); the loss levels off just above 1e-12
     # (~1.5k-2.5k steps in), so the budget is 4000 steps instead of a cap that is never used
     "sensing": (["experiment=dln_sensing", "method.stages.train.max_steps=4000",
                  "method.stages.train.log_every=500"], "recovery_rel"),

@@ -1,6 +1,6 @@
 """Structured pruning of attention heads and MLP channels (docs/numerical_pruning.md).
 
-Pure torch, no Lightning. Convention of the spec: a linear computes ``Y = X W``
+Pure torch, no Lightning. Convention of the paper: a linear computes ``Y = X W``
 with ``X`` (tokens x D inputs) and ``W`` (D x D'), so ``W = linear.weight.T``.
 
 * a **structure** is one attention group (a key/value head with the query heads
