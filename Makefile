@@ -28,7 +28,7 @@ test: install ## the fast test suite (under 10 minutes on 2 cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 test-slow: install ## the long tests only (-m slow)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow --timeout=3600
 
 lint: install ## ruff over the package, tests and entry point
 	$(BIN)/ruff check src tests run.py

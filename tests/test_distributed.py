@@ -98,7 +98,7 @@ def test_base_model_cache_is_written_by_the_main_process_only(tmp_path, monkeypa
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)          # cold cache, main marker written
     base.mkdir(parents=True)
-    folder = f"vit_tiny-digits-{base_key(cfg, cfg.dataset, data)}"
+    folder = f"{cfg.model.family}-digits-{base_key(cfg, cfg.dataset, data)}"
     (base / f"{folder}.training").write_text(str(cfg.run_dir))
     build_base_model(cfg, source, data, pretrain)
     assert trained == [1] and not (base / folder).exists()   # trained along, wrote nothing
