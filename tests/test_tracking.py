@@ -387,8 +387,9 @@ def test_llama_dashboards_name_keys_the_runs_log(tmp_path, monkeypatch):
         assert_board_matches_run(BOARDS[name], wb)
 
 
-def test_peft_dashboard_names_keys_the_runs_log(shared_root, tmp_path, monkeypatch):
-    """The PEFT board against a SoKA run on arithmetic (base pre-trained on pycode)."""
+def test_peft_dashboard_names_keys_the_runs_log(tmp_path, monkeypatch):
+    """The PEFT board against a SoKA run on arithmetic (base pre-trained on pycode in the
+    run: its own base folder, so the base's curves are logged whatever ran before)."""
     from test_soka import OWN, PRETRAIN_PYCODE, TINY_ARITH
 
     from compresslab.dashboards import BOARDS
@@ -396,7 +397,7 @@ def test_peft_dashboard_names_keys_the_runs_log(shared_root, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     run(compose_cfg([*OWN, *PRETRAIN_PYCODE, *TINY_ARITH, "model.pretrain.log_every=10",
                      "method=soka", "method.budget_lora_rank=2", "logger=wandb",
-                     "logger.mode=offline"], shared_root, tmp_path / "run"))
+                     "logger.mode=offline"], tmp_path, tmp_path / "run"))
     assert_board_matches_run(BOARDS["peft"], read_back(tmp_path / "run"))
 
 
