@@ -3,6 +3,7 @@ same final metrics as an uninterrupted run (README, "Resume and faults")."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,10 +177,11 @@ def test_wandb_run_id_is_kept_and_reused(shared_root, tmp_path, monkeypatch):
     assert saved and ids == [saved] and wandb.run is None
     run(compose_cfg([*args, f"resume={run_dir}"], shared_root, run_dir))
     assert ids == [saved, saved]
-    # both attempts wrote to the one id (two folders, or one when they start in the same
-    # second: W&B names offline folders by the second and the id)
+    # both attempts wrote to the one id: W&B names offline folders by the second and the
+    # id, adding "-1", "-2" when two attempts start in the same second
     folders = list((run_dir / "wandb").glob("offline-run-*"))
-    assert folders and all(f.name.endswith(f"-{saved}") for f in folders)
+    named = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{saved}(-\d+)?")
+    assert folders and all(named.fullmatch(f.name) for f in folders), folders
 
 
 @pytest.mark.slow
