@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresslab.compress.lowrank import LowRankLinear
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.metrics.speed import (
     TensorMemory,
     attention_flops,

@@ -6,17 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from compresslab.checkpoints import (
-    apply_plan,
-    load_compressed,
-    load_state,
-    read_state_dict,
-    save_compressed,
-    save_state,
-)
-from compresslab.compress.lowrank import LowRankLinear
+from compresslab.checkpoints import load_compressed, save_compressed
 from compresslab.errors import ConfigError
+from compresslab.layers import apply_plan
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.sources import DataSpec, DeepLinear
+from compresslab.weights_io import load_state, read_state_dict, save_state
 
 PLAN_MODEL = {"name": "dln", "source": {"_target_": "compresslab.models.sources.DeepLinear",
                                         "depth": 2, "width": 6, "init_scale": 0.1,

@@ -118,7 +118,8 @@ def test_uniformly_pruned_llama_is_a_plain_config(tmp_path):
 
 @pytest.mark.parametrize("which", ["soka", "lora"])
 def test_adapters_are_merged_into_a_stock_checkpoint(which, tmp_path):
-    from compresslab.compress.soka import KroneckerAdapterLinear, KronShape
+    from compresslab.compress.kpsvd import KronShape
+    from compresslab.layers.kronecker import KroneckerAdapterLinear
 
     model = tiny_llama()
     if which == "soka":
@@ -142,7 +143,8 @@ def test_lowrank_vit_exports_to_timm(tmp_path):
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    from compresslab.compress.lowrank import LowRankLinear, truncated_svd_factors
+    from compresslab.compress.lowrank import truncated_svd_factors
+    from compresslab.layers.lowrank import LowRankLinear
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compresslab.compress.lowrank import LowRankLinear, truncated_svd_factors
+from compresslab.compress.lowrank import truncated_svd_factors
 from compresslab.compress.ratio import (
     RatioError,
     achieved_ratio,
@@ -14,6 +14,7 @@ from compresslab.compress.ratio import (
     rank_for_ratio,
     resolve_rank,
 )
+from compresslab.layers.lowrank import LowRankLinear
 
 
 @pytest.mark.parametrize("shape", [(24, 24), (40, 16), (16, 40)])

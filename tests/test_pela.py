@@ -7,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.pela import (
     Frobenius,
     MaxEntry,
@@ -19,6 +18,7 @@ from compresslab.compress.pela import (
 from compresslab.compress.ratio import rank_for_ratio
 from compresslab.compress.svd import PlainSVD
 from compresslab.errors import ConfigError
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.adapters import adapter_for
 from compresslab.models.sources import DataSpec, TinyLlama, TinyViT
 from compresslab.pipeline import run

@@ -21,10 +21,10 @@ from compresslab.compress.kpsvd import (
     rearrange,
     unrearrange,
 )
-from compresslab.compress.soka import KroneckerAdapterLinear
 from compresslab.data.qa import ArithmeticDataModule, JsonlQADataModule
 from compresslab.errors import ConfigError
 from compresslab.generation import FinalNumber, GenerativeQATask, WholeText, greedy_generate
+from compresslab.layers.kronecker import KroneckerAdapterLinear
 from compresslab.models.adapters import adapter_for
 from compresslab.models.sources import DataSpec, TinyLlama
 from compresslab.stages.adapters import (

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from compresslab.compress.calibration import CalibrationSettings, ChannelMoments, Gram
-from compresslab.compress.lowrank import LowRankLinear, truncated_svd_factors
+from compresslab.compress.lowrank import truncated_svd_factors
 from compresslab.compress.spectrum import kept_params, select_components
 from compresslab.compress.svd_family import (
     ActivationAwareSVD,
@@ -19,6 +19,7 @@ from compresslab.compress.svd_family import (
     cholesky_with_repair,
 )
 from compresslab.errors import ConfigError
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.adapters import adapter_for
 from compresslab.models.sources import DataSpec, TinyLlama
 from compresslab.models.utils import set_module

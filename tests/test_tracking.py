@@ -138,9 +138,9 @@ def test_last_logged_base_loss_agrees_with_the_final_base_model(wandb_run):
 
     from hydra.utils import instantiate
 
-    from compresslab.checkpoints import load_state
     from compresslab.data.digits import DigitsDataModule
     from compresslab.models.adapters import adapter_for
+    from compresslab.weights_io import load_state
 
     wb, run_dir, _ = wandb_run
     folder = next(p for p in (run_dir.parent / "base").glob("*-digits-*") if p.is_dir())
@@ -198,7 +198,7 @@ def test_csv_gets_the_config_and_prefixed_curves(tmp_path):
 def test_weight_files_follow_the_umask(tmp_path, mask):
     from torch import nn
 
-    from compresslab.checkpoints import save_state
+    from compresslab.weights_io import save_state
 
     before = os.umask(mask)
     try:

@@ -15,182 +15,18 @@ except through ``torch.load(weights_only=True)`` for foreign ``.pt`` files.
 from __future__ import annotations
 
 import json
-import os
-import pickle
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresslab.errors import ConfigError
-from compresslab.filesystem import partial_file
+from compresslab.filesystem import atomic_write_text
+from compresslab.layers import apply_plan
+from compresslab.weights_io import load_state, save_state, tensor_shapes
 
 PLAN_FORMAT = "compresslab-plan/1"
-
-#: kind -> function(existing module, entry) -> replacement module (structure only)
-PLAN_APPLIERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
-
-
-#: kind -> function(model, module name, entry), run once every entry is applied: restores
-#: what the new shapes imply outside the module itself (e.g. an attention's head count)
-PLAN_FINISHERS: dict[str, Callable[[nn.Module, str, dict[str, Any]], None]] = {}
-
-
-def plan_applier(kind: str):
-    def wrap(fn):
-        PLAN_APPLIERS[kind] = fn
-        return fn
-    return wrap
-
-
-def plan_finisher(kind: str):
-    def wrap(fn):
-        PLAN_FINISHERS[kind] = fn
-        return fn
-    return wrap
-
-
-@plan_applier("lowrank")
-def _apply_lowrank(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    from compresslab.compress.lowrank import LowRankLinear
-
-    return LowRankLinear(entry["in_features"], entry["out_features"], entry["rank"],
-                         bias=entry["bias"], dtype=module.weight.dtype)
-
-
-@plan_applier("resized_linear")
-def _apply_resized_linear(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    """A linear of new shape (e.g. a width-reduced deep linear network's layer)."""
-    return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"],
-                     dtype=module.weight.dtype)
-
-
-def apply_plan(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
-    from compresslab.models.utils import set_module
-
-    for name, entry in layers.items():
-        kind = entry.get("kind")
-        if kind not in PLAN_APPLIERS:
-            raise ConfigError(f"plan entry {name} has unknown kind {kind!r}")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"plan names module {name}, which the model does not have") \
-                from None
-        try:
-            replacement = PLAN_APPLIERS[kind](module, entry)
-        except KeyError as exc:
-            raise ConfigError(f"plan entry {name} (kind {kind!r}) lacks {exc}") from None
-        except (TypeError, ValueError, RuntimeError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"plan entry {name} (kind {kind!r}) cannot be applied: "
-                              f"{reason}") from None
-        set_module(model, name, replacement)
-    for name, entry in layers.items():
-        finish = PLAN_FINISHERS.get(entry["kind"])
-        if finish is not None:
-            try:
-                finish(model, name, entry)
-            except KeyError as exc:
-                raise ConfigError(f"plan entry {name} (kind {entry['kind']!r}) lacks "
-                                  f"{exc}") from None
-    return model
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with partial_file(tmp, path):
-        tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_state(model: nn.Module, path: Path) -> None:
-    """Tensors of ``model`` as safetensors (tied tensors stored once, written atomically)."""
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr() if tensor.numel() else id(tensor)
-        if key in seen:
-            continue
-        seen[key] = name
-        tensors[name] = tensor.detach().contiguous().cpu()
-    tmp = path.with_name(path.name + ".tmp")
-    with partial_file(tmp, path):
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, user_file_mode())  # safetensors creates its files 0600
-    os.replace(tmp, path)
-
-
-def user_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` through
-    ``torch.load(weights_only=True)``; a damaged file gets a one-line error."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError,
-            pickle.UnpicklingError) as exc:
-        raise ConfigError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") \
-            from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return state
-
-
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in a weights file, without reading the tensors
-    where the format allows (safetensors: the header only); a damaged file gets a
-    one-line error."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {k: tuple(v.shape) for k, v in read_state_dict(path).items()
-                if isinstance(v, torch.Tensor)}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") \
-            from None
-    return shapes
-
-
-def load_state(model: nn.Module, path: Path) -> nn.Module:
-    """Load tensors saved by :func:`save_state` strictly (tied tensors re-shared)."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    # keys stored once because tied: fill from the tensor they share storage with
-    by_ptr = {own[k].data_ptr(): k for k in state if k in own}
-    for k in missing[:]:
-        twin = by_ptr.get(own[k].data_ptr())
-        if twin is not None:
-            state[k] = state[twin]
-            missing.remove(k)
-    unexpected = [k for k in state if k not in own]
-    bad_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shape:
-        example = (missing or unexpected or bad_shape)[0]
-        raise ConfigError(f"weights in {path} do not match the model "
-                          f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                          f"{len(bad_shape)} of wrong shape, e.g. {example})")
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def save_compressed(model: nn.Module, folder: Path, plan: dict[str, Any],
@@ -201,7 +37,7 @@ def save_compressed(model: nn.Module, folder: Path, plan: dict[str, Any],
     folder.mkdir(parents=True, exist_ok=True)
     save_state(model, folder / "model.safetensors")
     if tokenizer is not None:
-        from compresslab.export import save_tokenizer
+        from compresslab.data.text import save_tokenizer
 
         save_tokenizer(tokenizer, folder)
     atomic_write_text(folder / "plan.json", json.dumps({"format": PLAN_FORMAT, **plan},
@@ -326,9 +162,7 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
     Nothing in the folder can run code: the plan may only name a model source of this
     package, and a checkpoint's own modelling code (HF ``trust_remote_code``) runs only
     if the caller passes ``trust_remote_code=True``, whatever the plan says."""
-    from compresslab.compress import soka  # noqa: F401  (registers "kronecker_adapter")
     from compresslab.models.sources import DataSpec
-    from compresslab.stages import prune  # noqa: F401  (registers the "pruned_linear" kind)
 
     folder = Path(folder)
     plan = read_plan(folder)
@@ -351,7 +185,27 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
     apply_plan(model, plan["layers"])
     model = load_state(model, folder / "model.safetensors").eval()
     if plan["layers"]:
-        from compresslab.export import guard_save
-
         guard_save(model)
     return model
+
+
+def is_hf(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def guard_save(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` refuse (a transformers model with compressed layers):
+    the stock method would write a config of the original shapes, and loading it would
+    silently re-initialise every compressed weight at random."""
+    if not is_hf(model):
+        return
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("save_pretrained cannot describe this model's compressed layers "
+                          "(a reload would initialise them at random); use "
+                          "compresslab.export.export_model(model, folder) or "
+                          "python -m compresslab.export <run>/compressed <folder>")
+
+    model.save_pretrained = refuse

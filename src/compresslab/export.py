@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresslab.checkpoints import is_hf, load_compressed
+from compresslab.data.text import save_tokenizer
 from compresslab.errors import ConfigError
 
 REMOTE_CODE = Path(__file__).parent / "export_code" / "modeling_compresslab.py"
@@ -46,7 +48,7 @@ TOLERANCE = 1e-4          # max |difference| of outputs, relative to the largest
 
 def merge_adapters(model: nn.Module) -> int:
     """Fold SoKA and peft adapters into plain linears (in place); how many were merged."""
-    from compresslab.compress.soka import KroneckerAdapterLinear
+    from compresslab.layers.kronecker import KroneckerAdapterLinear
     from compresslab.models.utils import set_module
 
     merged = 0
@@ -69,24 +71,24 @@ def merge_adapters(model: nn.Module) -> int:
 def compressed_linears(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
     """Linears of ``model`` that differ from ``reference`` (the architecture its config
     describes): factorised (``lowrank``) or resized (``linear``)."""
-    from compresslab.compress.lowrank import LowRankLinear
+    from compresslab.layers.base import linear_entry
+    from compresslab.layers.lowrank import LowRankLinear
 
     stock = dict(reference.named_modules())
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
-            layers[name] = {"kind": "lowrank", "rank": module.rank, "bias": module.bias is not None,
-                            "in_features": module.in_features, "out_features": module.out_features}
+            layers[name] = module.plan_entry()
         elif isinstance(module, nn.Linear) and isinstance(stock.get(name), nn.Linear) and \
                 module.weight.shape != stock[name].weight.shape:
-            layers[name] = {"kind": "linear", "bias": module.bias is not None,
-                            "in_features": module.in_features, "out_features": module.out_features}
+            layers[name] = linear_entry("linear", module.in_features, module.out_features,
+                                        module.bias is not None)
     return layers
 
 
 def densify_lowrank(model: nn.Module) -> int:
     """Replace every factorised linear by the dense linear it applies (in place)."""
-    from compresslab.compress.lowrank import LowRankLinear
+    from compresslab.layers.lowrank import LowRankLinear
     from compresslab.models.utils import set_module
 
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
@@ -128,8 +130,9 @@ def uniform_sizes(model: nn.Module, layers: dict[str, dict]) -> dict[str, int] |
 
 
 def save_hf(model, out: Path, config_changes: dict[str, Any]) -> None:
-    """``save_pretrained`` of the stock class (bypassing the refusal :func:`guard_save`
-    puts on loaded compressed models), then ``config_changes`` written into config.json."""
+    """``save_pretrained`` of the stock class (bypassing the refusal that
+    :func:`~compresslab.checkpoints.guard_save` puts on loaded compressed models), then
+    ``config_changes`` written into config.json."""
     from transformers import PreTrainedModel
 
     PreTrainedModel.save_pretrained(model, out)
@@ -267,12 +270,6 @@ def check_round_trip(model: nn.Module, reloaded: nn.Module) -> float:
     return error
 
 
-def is_hf(model: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
-
-
 def is_timm_vit(model: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -307,34 +304,11 @@ def export_model(model: nn.Module, out: str | Path, tokenizer=None) -> dict[str,
     return info
 
 
-def guard_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` refuse (a transformers model with compressed layers):
-    the stock method would write a config of the original shapes, and loading it would
-    silently re-initialise every compressed weight at random."""
-    if not is_hf(model):
-        return
-
-    def refuse(*args, **kwargs):
-        raise ConfigError("save_pretrained cannot describe this model's compressed layers "
-                          "(a reload would initialise them at random); use "
-                          "compresslab.export.export_model(model, folder) or "
-                          "python -m compresslab.export <run>/compressed <folder>")
-
-    model.save_pretrained = refuse
-
-
 def check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export: {out} exists and is not empty; choose a new folder")
     if out.is_dir():
         out.rmdir()
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """The tokenizer as transformers files (a ``tokenizers`` object is wrapped first)."""
-    from compresslab.data.text import transformers_tokenizer
-
-    transformers_tokenizer(tokenizer).save_pretrained(folder)
 
 
 def folder_tokenizer(path: Path):
@@ -357,8 +331,6 @@ def folder_tokenizer(path: Path):
 def export(compressed: str | Path, out: str | Path, tokenizer: str | Path | None = None,
            trust_remote_code: bool = False) -> dict[str, Any]:
     """Export a run's compressed folder (``<run>/compressed``) to ``out``."""
-    from compresslab.checkpoints import load_compressed
-
     out = Path(out)
     check_target(out)
     if tokenizer is not None and not Path(tokenizer).exists():

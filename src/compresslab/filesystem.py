@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -43,8 +44,16 @@ def partial_file(tmp: Path, target: Path):
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file: readers see the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with partial_file(tmp, path):
+        tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_failure_message(exc: OSError, run_dir: Path | None) -> str:
-    from compresslab.resume import STATE_FILE
+    from compresslab.run_folder import STATE_FILE
 
     text = f"cannot write {exc.filename}: {exc.strerror}"
     if run_dir is not None and (Path(run_dir) / STATE_FILE).is_file():

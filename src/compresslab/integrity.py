@@ -14,7 +14,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from compresslab.checkpoints import atomic_write_text
+from compresslab.filesystem import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from compresslab.resume import STATE_FILE
+from compresslab.run_folder import STATE_FILE
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 

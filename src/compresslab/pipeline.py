@@ -33,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compresslab import choices, interrupt, resume, runlock, sharding, tracking
-from compresslab.checkpoints import atomic_write_text, save_compressed
+from compresslab.checkpoints import save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import check_trainer, is_main_process, world
 from compresslab.errors import ConfigError
+from compresslab.filesystem import atomic_write_text
 from compresslab.matrix import check_pair
 from compresslab.metrics import zero_shot
 from compresslab.metrics.cost import CompressionCost
@@ -46,6 +47,7 @@ from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
 from compresslab.models.utils import count_params
 from compresslab.options import check_top_level
+from compresslab.seeding import derive_seed
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 from compresslab.threads import run_threads
@@ -309,7 +311,7 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
             continue  # finished in an earlier attempt
         # each stage's randomness depends on the run seed and its place only, not on what
         # ran before in this process (a resumed run skips the finished stages)
-        L.seed_everything(resume.derive_seed(int(cfg.seed), "stage", index, stage.name),
+        L.seed_everything(derive_seed(int(cfg.seed), "stage", index, stage.name),
                           verbose=False)
         with tracking.StageTimer(stage.name, index, len(stages)) as timer:
             model = stage.run(model, ctx)

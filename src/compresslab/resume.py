@@ -14,13 +14,13 @@ A run folder holds, besides its results::
 ``python run.py resume=<run folder>`` rebuilds the model of the newest finished stage
 (its plan applied to the base model, then its tensors), skips the finished stages, and
 lets the interrupted stage continue from its ``last.ckpt``. Stage randomness is seeded
-per stage (:func:`derive_seed`) and the training data order and per-step seed are
-functions of (seed, step), so a resumed run ends with the metrics of an uninterrupted one.
+per stage (:func:`~compresslab.seeding.derive_seed`) and the training data order and
+per-step seed are functions of (seed, step), so a resumed run ends with the metrics of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,12 +33,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compresslab import runlock
-from compresslab.checkpoints import atomic_write_text, load_state, save_compressed
+from compresslab.checkpoints import save_compressed
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
+from compresslab.filesystem import atomic_write_text
+from compresslab.run_folder import STATE_FILE, STATE_FORMAT
+from compresslab.weights_io import load_state
 
-STATE_FILE = "run_state.json"
-STATE_FORMAT = "compresslab-run/1"
 #: config keys that may differ on resume: they change neither results nor where they go
 RESUME_IGNORED = ("run_dir", "resume", "progress", "threads", "print_table",
                   "checkpoint_every", "logger.mode")
@@ -46,13 +47,6 @@ RESUME_IGNORED = ("run_dir", "resume", "progress", "threads", "print_table",
 #: config and seed reproduce every other key exactly (see README, "Resume and faults")
 NONDETERMINISTIC = re.compile(r"(^time/|^base_pretrain/|^base/cached$|time_s$|_ms$|ms_per_step$"
                               r"|(^|/)(cpu_)?speedup$|(^|/)seconds_to_|^cost/)")
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 32-bit seed (what numpy accepts) that depends only on ``parts`` (e.g. run seed,
-    stage index, step)."""
-    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def reproducible_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +291,7 @@ def restore_stages(model: nn.Module, ctx, stages: list, records: list[dict[str, 
                    ) -> nn.Module:
     """The model after the last finished stage: its plan applied to the base model, each
     finished stage's :meth:`~compresslab.stages.base.Stage.rebuild`, then the tensors."""
-    from compresslab.checkpoints import apply_plan
+    from compresslab.layers import apply_plan
 
     last = records[-1]
     saved = [r for r in records if r.get("model_saved", True)]

@@ -100,6 +100,6 @@ class StepSeed(L.Callback):
         self.seed = int(seed)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from compresslab.resume import derive_seed
+        from compresslab.seeding import derive_seed
 
         torch.manual_seed(derive_seed(self.seed, "step", trainer.global_step))

@@ -71,10 +71,12 @@ class EndToEndLoss:
 
 
 def plain_weights(model: nn.Module, linears) -> list[torch.Tensor] | None:
-    """The layer weights (first to last) when every layer is a bias-free ``nn.Linear`` (the
-    closed form's assumption), else None."""
+    """The layer weights (first to last) when every layer is a bias-free ``nn.Linear``
+    (subclasses that keep its forward, e.g. a resized layer, count; the closed form's
+    assumption), else None."""
     layers = list(linears)
-    if not all(type(lin) is nn.Linear and lin.bias is None for lin in layers):
+    if not all(isinstance(lin, nn.Linear) and type(lin).forward is nn.Linear.forward
+               and lin.bias is None for lin in layers):
         return None
     return [lin.weight for lin in layers]
 

@@ -1,4 +1,4 @@
-"""Low-rank linear layer and the SVD that initialises it.
+"""The SVD that initialises a low-rank linear (:class:`~compresslab.layers.lowrank.LowRankLinear`).
 
 Convention (used by every low-rank method in the project): a dense layer
 ``y = W x + b`` with ``W`` of shape (out, in) becomes ``y = B (A x) + b`` where
@@ -10,50 +10,6 @@ From ``W = U S V^T`` the balanced split is ``A = sqrt(S_r) V_r^T`` and
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-
-class LowRankLinear(nn.Module):
-    """``Linear(in, out)`` factored as ``Linear(rank, out) o Linear(in, rank, bias=False)``."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"rank {rank} is outside [1, {min(in_features, out_features)}] "
-                f"for a {out_features}x{in_features} layer")
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.second.bias
-
-    def dense_weight(self) -> torch.Tensor:
-        """The (out, in) matrix this layer applies."""
-        return self.second.weight @ self.first.weight
-
-    @classmethod
-    def from_factors(cls, left: torch.Tensor, right: torch.Tensor,
-                     bias: torch.Tensor | None) -> LowRankLinear:
-        """Build from ``left`` (out, r) and ``right`` (r, in) with ``W ~= left @ right``."""
-        out_features, rank = left.shape
-        layer = cls(right.shape[1], out_features, rank, bias=bias is not None,
-                    dtype=left.dtype, device=left.device)
-        with torch.no_grad():
-            layer.second.weight.copy_(left)
-            layer.first.weight.copy_(right)
-            if bias is not None:
-                layer.second.bias.copy_(bias)
-        return layer
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,

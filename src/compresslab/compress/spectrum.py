@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from compresslab.compress.lowrank import LowRankLinear
 from compresslab.errors import ConfigError
+from compresslab.layers.lowrank import LowRankLinear
 
 
 class Gate:

@@ -376,15 +376,16 @@ class BiasCompensation(Compensator):
 # -- physical removal -------------------------------------------------------------------------
 
 def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
-                  cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new linear keeping output ``rows`` and input ``cols`` (None: all)."""
+                  cols: torch.Tensor | None = None, cls: type[nn.Linear] = nn.Linear
+                  ) -> nn.Linear:
+    """A new linear (of class ``cls``) keeping output ``rows`` and input ``cols`` (None: all)."""
     weight = linear.weight.data
     if rows is not None:
         weight = weight[rows]
     if cols is not None:
         weight = weight[:, cols]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
-                    dtype=weight.dtype, device=weight.device)
+    new = cls(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+              dtype=weight.dtype, device=weight.device)
     new.weight.data.copy_(weight)
     if linear.bias is not None:
         new.bias.data.copy_(linear.bias.data if rows is None else linear.bias.data[rows])

@@ -124,7 +124,7 @@ class StepSampler(DistributedSampler):
 
     def __iter__(self):
         from compresslab.distributed import world
-        from compresslab.resume import derive_seed
+        from compresslab.seeding import derive_seed
 
         rank, processes = world()
         chunk = self.step_batch * processes

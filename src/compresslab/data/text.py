@@ -228,3 +228,8 @@ class TextBlocksDataModule(TaskDataModule):
     def spec(self) -> DataSpec:
         vocab = self.tokenizer.vocab_size if self.tokenizer else self.vocab_size
         return DataSpec("text", vocab_size=vocab)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer as transformers files (a ``tokenizers`` object is wrapped first)."""
+    transformers_tokenizer(tokenizer).save_pretrained(folder)

@@ -25,12 +25,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab.checkpoints import atomic_write_text, load_state, save_state
 from compresslab.data.base import TaskDataModule
 from compresslab.distributed import is_main_process, wait_for
 from compresslab.errors import ConfigError
+from compresslab.filesystem import atomic_write_text
 from compresslab.integrity import adopt_checksum, checksum_problem, discard_damaged, write_checksum
 from compresslab.models.sources import ModelSource
+from compresslab.weights_io import load_state, save_state
 
 BASE_FORMAT = "compresslab-base/1"
 

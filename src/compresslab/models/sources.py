@@ -119,7 +119,7 @@ class LocalHFCausalLM(ModelSource):
         parse_dtype(self.dtype)
 
     def check_weights(self, skeleton: nn.Module) -> None:
-        from compresslab.checkpoints import tensor_shapes
+        from compresslab.weights_io import tensor_shapes
 
         own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         for file in sorted(Path(self.path).expanduser().glob("*.safetensors")):
@@ -226,13 +226,13 @@ class TimmViT(ModelSource):
         return [k for k in shapes if k in own and shapes[k] != own[k]]   # heads to drop
 
     def check_weights(self, skeleton: nn.Module) -> None:
-        from compresslab.checkpoints import tensor_shapes
+        from compresslab.weights_io import tensor_shapes
 
         self._misfits(tensor_shapes(Path(self.weights).expanduser()),
                       {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
 
     def build(self, spec: DataSpec) -> nn.Module:
-        from compresslab.checkpoints import read_state_dict
+        from compresslab.weights_io import read_state_dict
 
         model = self.skeleton(spec)
         state = read_state_dict(Path(self.weights).expanduser())

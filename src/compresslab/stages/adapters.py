@@ -20,9 +20,9 @@ from torch import nn
 from compresslab.callbacks.training_stats import GradNormStats, LossTracker
 from compresslab.compress.kpsvd import KronShape, TermSelector, fit_budget, kpsvd
 from compresslab.compress.ratio import lowrank_params
-from compresslab.compress.soka import KroneckerAdapterLinear
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
+from compresslab.layers.kronecker import KroneckerAdapterLinear
 from compresslab.models.utils import set_module
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.compress import select_linears
@@ -111,13 +111,10 @@ class SoKAStage(Stage):
         terms, shapes = self.select_terms(layers)
         model.requires_grad_(False)
         for name, layer in layers.items():
-            set_module(model, name, KroneckerAdapterLinear.from_linear(
-                layer, shapes[name], terms[name], self.init))
-            s = shapes[name]
-            ctx.plan[name] = {"kind": "kronecker_adapter", "terms": terms[name],
-                              "shape": [s.m, s.n, s.p, s.q], "in_features": layer.in_features,
-                              "out_features": layer.out_features,
-                              "bias": layer.bias is not None}
+            adapted = KroneckerAdapterLinear.from_linear(layer, shapes[name], terms[name],
+                                                         self.init)
+            set_module(model, name, adapted)
+            ctx.plan[name] = adapted.plan_entry()
         ctx.log({"trainable/params": trainable_params(model),
                  f"{self.name}/layers": len(layers),
                  f"{self.name}/terms_mean": sum(terms.values()) / len(terms),

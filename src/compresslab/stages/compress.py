@@ -10,11 +10,11 @@ from torch import nn
 
 from compresslab.callbacks.progress import progress_enabled, track
 from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSettings
-from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import lowrank_params, resolve_rank
 from compresslab.compress.svd import Decomposer
 from compresslab.data.base import model_inputs
 from compresslab.errors import NumericalError
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
 
@@ -144,9 +144,7 @@ class LowRankStage(Stage):
             del left, right
             dense += layer.in_features * layer.out_features
             kept += lowrank_params(layer.in_features, layer.out_features, rank)
-            ctx.plan[name] = {"kind": "lowrank", "rank": rank, "in_features": layer.in_features,
-                              "out_features": layer.out_features,
-                              "bias": layer.bias is not None}
+            ctx.plan[name] = model.get_submodule(name).plan_entry()
             del layer  # the dense weight is freed as soon as its factors replace it
         ctx.log({f"{self.name}/params_ratio": 1 - kept / dense,
                  f"{self.name}/params_kept": kept,   # the budget other rows are compared at

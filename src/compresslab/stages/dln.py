@@ -27,6 +27,7 @@ from torch import nn
 from compresslab.compress import dln
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
+from compresslab.layers import ResizedLinear
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import NonFiniteLossError
 from compresslab.stages.optim import OptimConfig
@@ -398,12 +399,12 @@ class SpectralInitStage(Stage):
         m_hat = dln.surrogate(ctx.data.batch)
         weights = dln.spectral_init(m_hat, width, len(layers), self.init_scale, self.init)
         for (name, old), weight in zip(layers.items(), weights):
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=old.weight.dtype)
+            new = ResizedLinear(weight.shape[1], weight.shape[0], bias=False,
+                                dtype=old.weight.dtype)
             with torch.no_grad():
                 new.weight.copy_(weight)
             set_module(model, name, new)
-            ctx.plan[name] = {"kind": "resized_linear", "in_features": weight.shape[1],
-                              "out_features": weight.shape[0], "bias": False}
+            ctx.plan[name] = new.plan_entry()
         self.rebuild(model, ctx)
         ctx.log({f"{self.name}/width": width,
                  f"{self.name}/params_ratio": 1 - count_params(model) / dense,

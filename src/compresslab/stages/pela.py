@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.pela import (
     WPR_SETTINGS,
     feature_distillation_loss,
@@ -22,6 +21,7 @@ from compresslab.compress.pela import (
     wpr_form,
 )
 from compresslab.errors import ConfigError
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.stages.base import RunContext
 from compresslab.stages.compress import LowRankStage, select_linears

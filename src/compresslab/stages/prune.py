@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresslab.checkpoints import plan_applier, plan_finisher
 from compresslab.compress.calibration import BlockwiseCalibration
 from compresslab.compress.structured_pruning import (
     Allocator,
@@ -43,31 +42,13 @@ from compresslab.compress.structured_pruning import (
     sliced_linear,
 )
 from compresslab.errors import ConfigError, NumericalError
+from compresslab.layers import PrunedLinear
 from compresslab.metrics.speed import median, paired_speedup, timed_in_turns
-from compresslab.models.adapters import ArchitectureAdapter, adapter_for
+from compresslab.models.adapters import ArchitectureAdapter
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
-
-
-@plan_applier("pruned_linear")
-def _apply_pruned_linear(module: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    """A linear with the pruned shape (rows/columns of removed structures deleted)."""
-    return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"],
-                     dtype=module.weight.dtype)
-
-
-@plan_finisher("pruned_linear")
-def _restore_attention_heads(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
-    """The attention whose output projection is ``name`` gets its pruned head counts."""
-    if "heads" not in entry:
-        return
-    adapter, consumer = adapter_for(model), model.get_submodule(name)
-    for block in adapter.blocks(model):
-        if adapter.attention_projections(block).get("o", (None,))[0] is consumer:
-            adapter.set_attention_heads(block, entry["kv_heads"], entry["heads"])
-            return
 
 
 # -- what a structure is, per block ----------------------------------------------------------
@@ -108,8 +89,8 @@ def prunable_params(adapter: ArchitectureAdapter, model: nn.Module) -> int:
 
 
 def prune_structures(model: nn.Module, layout: dict[str, Any], removed: list[int],
-                     names: dict[int, str]) -> dict[str, dict[str, Any]]:
-    """Physically delete ``removed`` structures; returns the plan entries.
+                     names: dict[int, str]) -> dict[str, PrunedLinear]:
+    """Physically delete ``removed`` structures; returns the new linears by name.
 
     A producer linear named by several parts (fused qkv) is sliced once: it keeps every
     row except the removed structures' rows of each part (rows of no part stay)."""
@@ -121,16 +102,14 @@ def prune_structures(model: nn.Module, layout: dict[str, Any], removed: list[int
             id(linear), (linear, torch.ones(linear.out_features, dtype=torch.bool)))[1]
         mask[removed_channels(count, rows_each, removed) + offset] = False
     for linear, mask in keep_rows.values():
-        entries[names[id(linear)]] = sliced_linear(linear, rows=mask.nonzero().flatten())
+        entries[names[id(linear)]] = sliced_linear(linear, rows=mask.nonzero().flatten(),
+                                                    cls=PrunedLinear)
     consumer = layout["consumer"]
-    entries[names[id(consumer)]] = sliced_linear(consumer, cols=kept_channels(count, size,
-                                                                              removed))
-    plan = {}
+    entries[names[id(consumer)]] = sliced_linear(
+        consumer, cols=kept_channels(count, size, removed), cls=PrunedLinear)
     for name, new in entries.items():
         set_module(model, name, new)
-        plan[name] = {"kind": "pruned_linear", "in_features": new.in_features,
-                      "out_features": new.out_features, "bias": new.bias is not None}
-    return plan
+    return entries
 
 
 @torch.inference_mode()
@@ -283,13 +262,14 @@ class StructuredPruneStage(Stage):
                         raise NumericalError(f"stage {self.name}: compensating block {index} "
                                              f"{kind}: {exc}") from None
                 names = {id(m): n for n, m in model.named_modules()}
-                ctx.plan.update(prune_structures(model, lay, removed, names))
+                pruned = prune_structures(model, lay, removed, names)
                 kept = lay["count"] - len(removed)
                 if kind == "attention":
                     adapter.set_attention_heads(block, kept, kept * lay["heads_per_group"])
-                ctx.plan[names[id(lay["consumer"])]].update(
+                pruned[names[id(lay["consumer"])]].counts = (
                     {"kv_heads": kept, "heads": kept * lay["heads_per_group"]}
                     if kind == "attention" else {"channels": kept})
+                ctx.plan.update({n: layer.plan_entry() for n, layer in pruned.items()})
 
     def _structure_counts(self, model, adapter) -> dict[str, int]:
         out = {}

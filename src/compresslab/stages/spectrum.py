@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.callbacks.periodic import PeriodicRecorder
-from compresslab.compress.lowrank import LowRankLinear
 from compresslab.compress.ratio import check_ratio, rank_for_ratio
 from compresslab.compress.spectrum import (
     GatedLowRankLinear,
@@ -36,6 +35,7 @@ from compresslab.compress.spectrum import (
 )
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
+from compresslab.layers.lowrank import LowRankLinear
 from compresslab.models.utils import set_module
 from compresslab.stages.base import RunContext
 from compresslab.stages.compress import LowRankStage
@@ -324,11 +324,9 @@ class SpectrumStage(TrainStage):
         if self.finetune_steps:
             self.finetune(model, ctx, gated, budget, dense)
         for name, layer in gated.items():
-            set_module(model, name, layer.fold())
-            ctx.plan[name] = {**ctx.plan.get(name, {}), "kind": "lowrank",
-                              "rank": int(masks[name].sum()), "in_features": layer.in_features,
-                              "out_features": layer.out_features,
-                              "bias": layer.second.bias is not None}
+            folded = layer.fold()
+            set_module(model, name, folded)
+            ctx.plan[name] = folded.plan_entry()
         model.requires_grad_(True)
         kept = kept_params(masks, {n: g.cost for n, g in gated.items()})
         ranks = {n: int(m.sum()) for n, m in masks.items()}

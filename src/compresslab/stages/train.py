@@ -37,7 +37,8 @@ def fit(stage: Stage, module: L.LightningModule, ctx: RunContext, *, phase: str 
     Under FSDP the model is gathered back whole after the fit (:func:`sharding.gather`).
     """
     from compresslab.callbacks.checkpointing import StageCheckpoint, StepSeed
-    from compresslab.resume import checkpoint_dir, checkpoint_step, derive_seed
+    from compresslab.resume import checkpoint_dir, checkpoint_step
+    from compresslab.seeding import derive_seed
 
     where = stage.name + (f"/{phase}" if phase else "")
     key = (stage.key or stage.name) + (f"/{phase}" if phase else "")

@@ -6,20 +6,22 @@ so the adapted layer equals the original at initialisation whatever the SVD's
 accuracy. ``init="zero"``: the residual is W and the delta starts at zero (A_k
 random, B_k zero, as LoKr/LoRA do).
 """
-
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresslab.checkpoints import plan_applier
 from compresslab.compress.kpsvd import KronShape, kpsvd, kron_sum
+from compresslab.layers.base import SavedForm, linear_entry
 
 
-class KroneckerAdapterLinear(nn.Module):
+class KroneckerAdapterLinear(SavedForm, nn.Module):
+    kind = "kronecker_adapter"
+
     def __init__(self, in_features: int, out_features: int, shape: KronShape, terms: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -78,9 +80,13 @@ class KroneckerAdapterLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, terms={self.terms}, "
                 f"A={s.m}x{s.n}, B={s.p}x{s.q}")
 
+    def plan_entry(self) -> dict[str, Any]:
+        s = self.shape
+        return linear_entry(self.kind, self.in_features, self.out_features,
+                            self.bias is not None, terms=self.terms, shape=[s.m, s.n, s.p, s.q])
 
-@plan_applier("kronecker_adapter")
-def _apply_kronecker(module: nn.Module, entry: dict) -> nn.Module:
-    return KroneckerAdapterLinear(entry["in_features"], entry["out_features"],
-                                  KronShape(*entry["shape"]), entry["terms"],
-                                  bias=entry["bias"], dtype=module.weight.dtype)
+    @classmethod
+    def from_plan(cls, entry: dict[str, Any], dtype: torch.dtype) -> KroneckerAdapterLinear:
+        return cls(entry["in_features"], entry["out_features"], KronShape(*entry["shape"]),
+                   entry["terms"], bias=entry["bias"], dtype=dtype)
+
