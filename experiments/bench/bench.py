@@ -147,7 +147,7 @@ def big_model() -> BenchModel:
                       DataSpec("text", vocab_size=32000), 128, 8)
 
 
-# -- a run context without a run -----------------------------------------------------------------
+# -- data without a dataset ------------------------------------------------------------------------
 
 class RandomInputs:
     """Stands in for a datamodule: ``samples`` random inputs of ``bm`` (token sequences, or
@@ -173,21 +173,11 @@ class RandomInputs:
         pass
 
 
-def context(model: nn.Module, bm: BenchModel, samples: int = 8):
-    from omegaconf import OmegaConf
+def apply(model: nn.Module, bm: BenchModel, stages: dict, samples: int = 8):
+    """The stages applied through the library API, on ``samples`` random inputs of ``bm``."""
+    from compresslab.api import compress_model
 
-    from compresslab.models.adapters import adapter_for
-    from compresslab.stages.base import RunContext
-
-    data = RandomInputs(bm, samples)
-    return RunContext(cfg=OmegaConf.create({"progress": False}), run_dir=None,
-                      adapter=adapter_for(model), data=data)
-
-
-def run_stage(stage, name: str, model: nn.Module, ctx) -> nn.Module:
-    stage.name = name
-    stage.check(model, ctx)
-    return stage.run(model, ctx)
+    return compress_model(model, stages, RandomInputs(bm, samples))
 
 
 # -- compressed forms --------------------------------------------------------------------------
@@ -221,30 +211,26 @@ class SharedSVD:
 def lowrank(dense, bm, decomposer, ratio_, round_to=1, round_slack=None):
     from compresslab.stages.compress import LowRankStage
 
-    model = copy.deepcopy(dense)
-    ctx = context(model, bm)
     stage = LowRankStage(decomposer, ratio=ratio_, round_to=round_to, round_slack=round_slack)
-    model = run_stage(stage, "compress", model, ctx)
-    return model, {"kind": "lowrank", "target_ratio": ratio_, "round_to": round_to,
-                   "round_slack": round_slack,
-                   "achieved_ratio": ctx.metrics["compress/params_ratio"]}
+    done = apply(copy.deepcopy(dense), bm, {"compress": stage})
+    return done.model, {"kind": "lowrank", "target_ratio": ratio_, "round_to": round_to,
+                        "round_slack": round_slack,
+                        "achieved_ratio": done.metrics["compress/params_ratio"]}
 
 
 def pruned(dense, bm, ratio_, align=1):
     from compresslab.compress.structured_pruning import MagnitudeScore, UniformAllocation
     from compresslab.stages.prune import StructuredPruneStage
 
-    model = copy.deepcopy(dense)
-    ctx = context(model, bm)
     stage = StructuredPruneStage(ratio_, MagnitudeScore(), UniformAllocation(), None,
                                  num_samples=4, batch_size=4, latency_repeats=0,
                                  align_channels=align)
-    model = run_stage(stage, "prune", model, ctx)
-    channels = sorted({v for k, v in ctx.metrics.items() if "/channels_layer" in k})
-    heads = sorted({v for k, v in ctx.metrics.items() if "/heads_layer" in k})
-    return model, {"kind": "pruned", "target_ratio": ratio_, "align_channels": align,
-                   "mlp_channels": channels, "heads": heads,
-                   "achieved_ratio": ctx.metrics["prune/params_ratio"]}
+    done = apply(copy.deepcopy(dense), bm, {"prune": stage})
+    channels = sorted({v for k, v in done.metrics.items() if "/channels_layer" in k})
+    heads = sorted({v for k, v in done.metrics.items() if "/heads_layer" in k})
+    return done.model, {"kind": "pruned", "target_ratio": ratio_, "align_channels": align,
+                        "mlp_channels": channels, "heads": heads,
+                        "achieved_ratio": done.metrics["prune/params_ratio"]}
 
 
 def merged(dense, bm, which):
@@ -257,17 +243,14 @@ def merged(dense, bm, which):
         SoKAStage,
     )
 
-    model = copy.deepcopy(dense)
-    ctx = context(model, bm)
     roles = DEFAULT_ROLES if bm.text else None
     if which == "lora":
         stage = PeftAdapterStage(functools.partial(LoraConfig, r=8, lora_alpha=8,
                                                    lora_dropout=0.0), roles=roles)
     else:
         stage = SoKAStage(roles=roles, terms=2, init="zero")
-    model = run_stage(stage, "adapt", model, ctx)
-    model = run_stage(MergeAdaptersStage(), "merge", model, ctx)
-    return model.eval(), {"kind": f"merged_{which}", "achieved_ratio": 0.0}
+    done = apply(copy.deepcopy(dense), bm, {"adapt": stage, "merge": MergeAdaptersStage()})
+    return done.model.eval(), {"kind": f"merged_{which}", "achieved_ratio": 0.0}
 
 
 def configured_rounding() -> tuple[int, float | None]:
@@ -446,6 +429,8 @@ def cost_worker(spec: dict) -> dict:
     """One measurement: build the model, run the method's stage, report time and RSS."""
     import transformers  # noqa: F401  (imported before the runtime's RSS is read)
 
+    from compresslab.api import compress_model
+
     torch.set_num_threads(spec["threads"])
     bm = big_model() if spec["model"] == "llama_1b" else bench_models()[spec["model"]]
     key, stage = cost_stage(spec["method"], spec.get("overrides", []))
@@ -453,11 +438,13 @@ def cost_worker(spec: dict) -> dict:
     model = bm.build()
     samples = max(getattr(stage, "num_samples", 0),
                   getattr(getattr(stage, "calibration", None), "num_samples", 0), 1)
-    ctx = context(model, bm, samples)
+    data = RandomInputs(bm, samples)
     weights = param_bytes(model)
     rss_model, peak_model = current_rss_bytes(), peak_rss_bytes()
     wall, cpu = time.perf_counter(), time.process_time()
-    model = run_stage(stage, key, model, ctx)
+    done = compress_model(model, {key: stage}, data)
+    model, metrics = done.model, done.metrics
+    del done
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak, params = peak_rss_bytes(), param_count(model)
     del model
@@ -468,7 +455,7 @@ def cost_worker(spec: dict) -> dict:
             "rss_start_bytes": rss_start, "rss_model_bytes": rss_model,
             "peak_rss_model_bytes": peak_model, "peak_rss_bytes": peak,
             "rss_end_bytes": current_rss_bytes(), **floor,
-            "params_ratio": ctx.metrics.get(f"{key}/params_ratio"),
+            "params_ratio": metrics.get(f"{key}/params_ratio"),
             "calibration_samples": samples if stage_calibrates(stage) else 0}
 
 

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compresslab import choices, interrupt, resume, runlock, sharding, tracking
+from compresslab.api import compress_model
 from compresslab.checkpoints import save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -47,7 +48,7 @@ from compresslab.models.base import build_base_model, needs_pretraining
 from compresslab.models.sources import ModelSource
 from compresslab.models.utils import count_params
 from compresslab.options import check_top_level
-from compresslab.seeding import derive_seed
+from compresslab.run_folder import stage_key
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 from compresslab.threads import run_threads
@@ -66,7 +67,7 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
             raise ConfigError(f"method.stages.{name}: {instantiation_reason(exc)}") from None
         if not isinstance(stage, Stage):
             raise ConfigError(f"method.stages.{name} is not a Stage ({type(stage).__name__})")
-        stage.name, stage.key = name, resume.stage_key(len(stages), name)
+        stage.name, stage.key = name, stage_key(len(stages), name)
         stages.append(stage)
     return stages
 
@@ -306,18 +307,15 @@ def _run_stages(cfg, ctx: RunContext, source: ModelSource, stages: list[Stage],
         log.info("resuming after stage %s (%s)", done[-1]["stage"], ctx.last_saved)
 
     cost = CompressionCost()   # wall time and peak RSS of the stages (this attempt's)
-    for index, stage in enumerate(stages):
-        if index < len(done):
-            continue  # finished in an earlier attempt
-        # each stage's randomness depends on the run seed and its place only, not on what
-        # ran before in this process (a resumed run skips the finished stages)
-        L.seed_everything(derive_seed(int(cfg.seed), "stage", index, stage.name),
-                          verbose=False)
-        with tracking.StageTimer(stage.name, index, len(stages)) as timer:
-            model = stage.run(model, ctx)
-        ctx.metrics.setdefault(f"{stage.name}/time_s", timer.seconds)
+
+    def save(index: int, stage: Stage, model: nn.Module) -> None:
         resume.save_stage(ctx, index, stage, model)
         ctx.last_saved = str(ctx.run_dir / "stages" / stage.key)
+
+    # the stages finished in an earlier attempt are skipped (their seeds do not depend on
+    # them); the settings were checked on a skeleton before any work
+    model = compress_model(model, stages, ctx=ctx, seed=int(cfg.seed), start=len(done),
+                           check=False, after_stage=save).model
 
     ctx.log(cost.metrics())
     final = {**evaluate_splits(model, ctx, "{split}/{metric}"), **zero_shot.evaluate(model, ctx)}

@@ -37,7 +37,7 @@ from compresslab.checkpoints import save_compressed
 from compresslab.distributed import is_main_process
 from compresslab.errors import ConfigError
 from compresslab.filesystem import atomic_write_text
-from compresslab.run_folder import STATE_FILE, STATE_FORMAT
+from compresslab.run_folder import STATE_FILE, STATE_FORMAT, stage_key
 from compresslab.weights_io import load_state
 
 #: config keys that may differ on resume: they change neither results nor where they go
@@ -231,10 +231,6 @@ def new_wandb_id() -> str:
 
 
 # -- finished stages ----------------------------------------------------------------------------
-
-def stage_key(index: int, name: str) -> str:
-    return f"{index:02d}-{name}"
-
 
 def checkpoint_dir(run_dir: Path, key: str) -> Path:
     return Path(run_dir) / "checkpoints" / key

@@ -5,3 +5,8 @@ logic."""
 
 STATE_FILE = "run_state.json"
 STATE_FORMAT = "compresslab-run/1"
+
+
+def stage_key(index: int, name: str) -> str:
+    """``<index>-<name>``: unique in a run, names the stage's checkpoint and saved folders."""
+    return f"{index:02d}-{name}"
