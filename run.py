@@ -18,7 +18,7 @@ import compresslab  # noqa: F401  (registers the config resolvers)
 def main(cfg: DictConfig) -> float | None:
     from compresslab.distributed import end_job, pin_job_for_relaunch
     from compresslab.errors import ConfigError
-    from compresslab.models.adapters import UnknownArchitectureError
+    from compresslab.models.architecture import UnknownArchitectureError
     from compresslab.pipeline import run
 
     try:

@@ -4,8 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from compresslab.models.adapters import UnknownArchitectureError, adapter_for
-from compresslab.models.sources import DataSpec, DeepLinear, TinyLlama, TinyViT
+from compresslab.data.spec import DataSpec
+from compresslab.models.architecture import UnknownArchitectureError, adapter_for
+from compresslab.models.deep_linear import DeepLinear
+from compresslab.models.llama import TinyLlama
+from compresslab.models.vit import TinyViT
 from compresslab.pipeline import run
 from conftest import TINY_LLAMA, compose_cfg
 

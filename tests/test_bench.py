@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compresslab.data.spec import DataSpec
 from compresslab.layers.lowrank import LowRankLinear
 from compresslab.metrics.speed import (
     TensorMemory,
@@ -24,7 +25,7 @@ from compresslab.metrics.speed import (
     param_count,
     ratio,
 )
-from compresslab.models.sources import DataSpec, TinyLlama
+from compresslab.models.llama import TinyLlama
 from conftest import REPO
 
 
@@ -130,7 +131,7 @@ def test_bench_table_renders_ratios(tmp_path):
 
 
 def test_shared_svd_equals_plain_svd_at_every_rank():
-    from compresslab.compress.svd import PlainSVD
+    from compresslab.compress.decomposer import PlainSVD
 
     bench = _bench_module()
     w = torch.randn(12, 9)
@@ -179,7 +180,7 @@ def test_floor_times_the_forward_and_the_factorisations(method, monkeypatch):
     _bench_module()
     import floor
 
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     model = TinyLlama(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24).build(
         DataSpec("text", vocab_size=30)).eval()

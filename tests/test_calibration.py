@@ -3,8 +3,10 @@
 import torch
 
 from compresslab.compress.calibration import BlockwiseCalibration, ChannelMoments, Gram
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama, TinyViT
+from compresslab.data.spec import DataSpec
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
+from compresslab.models.vit import TinyViT
 
 
 def _llama():

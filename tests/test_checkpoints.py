@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from compresslab.checkpoints import load_compressed, save_compressed
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
 from compresslab.layers import apply_plan
 from compresslab.layers.lowrank import LowRankLinear
-from compresslab.models.sources import DataSpec, DeepLinear
+from compresslab.models.deep_linear import DeepLinear
 from compresslab.weights_io import load_state, read_state_dict, save_state
 
 PLAN_MODEL = {"name": "dln", "source": {"_target_": "compresslab.models.sources.DeepLinear",
@@ -91,7 +92,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def test_tied_weights_are_stored_once_and_re_shared(tmp_path):
-    from compresslab.models.sources import TinyLlama
+    from compresslab.models.llama import TinyLlama
 
     model = TinyLlama(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24).build(
         DataSpec("text", vocab_size=30))
@@ -165,7 +166,7 @@ def test_trust_remote_code_defaults_to_false_everywhere():
     from omegaconf import OmegaConf
 
     from compresslab.checkpoints import load_compressed as load_fn
-    from compresslab.models.sources import LocalHFCausalLM
+    from compresslab.models.llama import LocalHFCausalLM
 
     defaults = inspect.signature(LocalHFCausalLM).parameters
     assert defaults["trust_remote_code"].default is False

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from compresslab.data.digit_tokens import DigitTokensDataModule
 from compresslab.data.digits import digits_arrays
 from compresslab.errors import ConfigError
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import TinyLlama
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
 from compresslab.stages.base import RunContext
 from compresslab.stages.samples import SampleQualityStage
 

@@ -83,7 +83,7 @@ def test_base_model_cache_is_written_by_the_main_process_only(tmp_path, monkeypa
     cache, trains along or loads, and writes nothing."""
     from hydra.utils import instantiate
 
-    from compresslab.models.base import base_key, build_base_model
+    from compresslab.base_cache import base_key, build_base_model
 
     cfg = compose_cfg(TINY_VIT, tmp_path)
     source, data = instantiate(cfg.model.source), instantiate(cfg.dataset.datamodule)
@@ -157,7 +157,7 @@ def _shard_gather_worker(rank: int, world: int, port: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compresslab import sharding
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from compresslab.data.matrix import spread_low_rank_target
-from compresslab.models.dln import DeepLinearNetwork
+from compresslab.models.deep_linear import DeepLinearNetwork
 from compresslab.pipeline import run
 from conftest import compose_cfg
 

@@ -14,7 +14,7 @@ from compresslab.data.matrix_recovery import (
     RatingsDataModule,
 )
 from compresslab.errors import ConfigError
-from compresslab.models.dln import DeepLinearNetwork
+from compresslab.models.deep_linear import DeepLinearNetwork
 from compresslab.pipeline import run
 from conftest import compose_cfg
 

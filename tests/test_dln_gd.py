@@ -10,8 +10,8 @@ from compresslab.compress import dln, dln_gd
 from compresslab.data.matrix import MatrixFactorizationDataModule
 from compresslab.data.matrix_recovery import MatrixCompletionDataModule, MatrixSensingDataModule
 from compresslab.errors import ConfigError
-from compresslab.models.adapters import adapter_for
-from compresslab.models.dln import DeepLinearNetwork
+from compresslab.models.architecture import adapter_for
+from compresslab.models.deep_linear import DeepLinearNetwork
 from compresslab.pipeline import run
 from conftest import compose_cfg
 

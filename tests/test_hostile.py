@@ -418,7 +418,8 @@ def test_text_rows_that_are_not_text_are_one_line(tmp_path):
 
 def tiny_llama_folder(tmp_path) -> Path:
     from compresslab.checkpoints import save_compressed
-    from compresslab.models.sources import DataSpec, TinyLlama
+    from compresslab.data.spec import DataSpec
+    from compresslab.models.llama import TinyLlama
 
     source = {"_target_": "compresslab.models.sources.TinyLlama", "hidden_size": 32,
               "num_layers": 1, "num_heads": 2, "intermediate_size": 64}

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
-from compresslab.models.sources import DataSpec, TimmViT
+from compresslab.models.vit import TimmViT
 from compresslab.pipeline import run
 from conftest import TINY_LLAMA, compose_cfg
 

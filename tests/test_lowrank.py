@@ -77,7 +77,7 @@ def test_lowrank_layer_rejects_impossible_rank():
 
 
 def test_float32_weights_are_factorised_in_float32_as_well_as_in_float64():
-    from compresslab.compress.svd import PlainSVD
+    from compresslab.compress.decomposer import PlainSVD
 
     torch.manual_seed(3)
     w = torch.randn(96, 40)
@@ -101,8 +101,9 @@ def test_lowrank_stage_releases_each_dense_layer_once_replaced():
     from omegaconf import OmegaConf
 
     from compresslab.compress.svd_family import WhitenedSVD
-    from compresslab.models.adapters import adapter_for
-    from compresslab.models.sources import DataSpec, TinyLlama
+    from compresslab.data.spec import DataSpec
+    from compresslab.models.architecture import adapter_for
+    from compresslab.models.llama import TinyLlama
     from compresslab.stages.base import RunContext
     from compresslab.stages.compress import LowRankStage
 
@@ -150,7 +151,7 @@ def test_round_slack_rounds_big_layers_and_keeps_small_ones_exact():
 
     from conftest import CONFIGS
 
-    cfg = OmegaConf.load(CONFIGS / "method" / "svd.yaml")
+    cfg = OmegaConf.load(CONFIGS / "method_base" / "lowrank.yaml")  # every low-rank method
     for ratio in (0.2, 0.4, 0.6, 0.8):
         for shape in ((128, 128), (128, 352), (352, 128)):
             assert rank_for_ratio(*shape, ratio, cfg.round_to, cfg.round_slack) == \

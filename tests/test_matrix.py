@@ -98,7 +98,8 @@ def test_every_family_picks_its_own_dataset(tmp_path):
 def test_family_names_load_local_checkpoints_when_given(tmp_path):
     from hydra.utils import instantiate
 
-    from compresslab.models.sources import LocalHFCausalLM, TimmViT, TinyLlama, TinyViT
+    from compresslab.models.llama import LocalHFCausalLM, TinyLlama
+    from compresslab.models.vit import TimmViT, TinyViT
 
     def source(overrides):
         cfg = compose_cfg(overrides, tmp_path)
@@ -115,7 +116,7 @@ def test_family_names_load_local_checkpoints_when_given(tmp_path):
     cfg, built = source(["model=vit"])
     assert isinstance(built, TinyViT) and cfg.model.pretrain.max_steps > 0
     # the explicit small names are the same models and share one cached base
-    from compresslab.models.base import model_identity
+    from compresslab.base_cache import model_identity
 
     assert model_identity(compose_cfg(["model=llama_tiny"], tmp_path)) == \
         model_identity(compose_cfg(["model=llama"], tmp_path))

@@ -23,8 +23,10 @@ from compresslab.compress.structured_pruning import (
     numerical_mask_newton,
     obs_update,
 )
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama, TinyViT
+from compresslab.data.spec import DataSpec
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
+from compresslab.models.vit import TinyViT
 from compresslab.stages.base import RunContext
 from compresslab.stages.prune import (
     LAYOUTS,

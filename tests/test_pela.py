@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from compresslab.compress.decomposer import PlainSVD
 from compresslab.compress.pela import (
     Frobenius,
     MaxEntry,
@@ -16,11 +17,12 @@ from compresslab.compress.pela import (
     weight_perturbation_loss,
 )
 from compresslab.compress.ratio import rank_for_ratio
-from compresslab.compress.svd import PlainSVD
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
 from compresslab.layers.lowrank import LowRankLinear
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama, TinyViT
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
+from compresslab.models.vit import TinyViT
 from compresslab.pipeline import run
 from compresslab.stages.base import RunContext
 from compresslab.stages.optim import OptimConfig

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from compresslab import load_compressed
-from compresslab.models.adapters import adapter_for
+from compresslab.models.architecture import adapter_for
 from compresslab.pipeline import run
 from compresslab.resume import reproducible_metrics
 from compresslab.stages.modules import EvalModule

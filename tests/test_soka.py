@@ -22,18 +22,19 @@ from compresslab.compress.kpsvd import (
     unrearrange,
 )
 from compresslab.data.qa import ArithmeticDataModule, JsonlQADataModule
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
 from compresslab.generation import FinalNumber, GenerativeQATask, WholeText, greedy_generate
 from compresslab.layers.kronecker import KroneckerAdapterLinear
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama
-from compresslab.stages.adapters import (
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
+from compresslab.stages.base import RunContext
+from compresslab.stages.peft import (
     MergeAdaptersStage,
     PeftAdapterStage,
     SoKAStage,
     trainable_params,
 )
-from compresslab.stages.base import RunContext
 from conftest import TINY_LLAMA, compose_cfg
 
 SHAPE = KronShape(m=3, n=4, p=5, q=2)   # W is 15 x 8

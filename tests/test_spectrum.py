@@ -18,10 +18,11 @@ from compresslab.compress.svd_family import (
     WhitenedSVD,
     cholesky_with_repair,
 )
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
 from compresslab.layers.lowrank import LowRankLinear
-from compresslab.models.adapters import adapter_for
-from compresslab.models.sources import DataSpec, TinyLlama
+from compresslab.models.architecture import adapter_for
+from compresslab.models.llama import TinyLlama
 from compresslab.models.utils import set_module
 from compresslab.stages.base import RunContext
 from compresslab.stages.compress import LowRankStage

@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "compresslab"
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> compresslab modules it imports (at any depth of the file, lazy imports too)."""
+    """Module -> compresslab modules it imports (at any depth of the file, lazy imports too,
+    and the packages those run first)."""
     modules = {}
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -37,6 +38,11 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
                             else node.module for a in node.names}
+        # importing a.b.c runs package a.b first (the root package's own imports are lazy)
+        targets |= {t.rsplit(".", 1)[0] for t in targets
+                    if t.count(".") > 1 and not name.startswith(t.rsplit(".", 1)[0])}
+        if "pkgutil.iter_modules(__path__)" in path.read_text():   # imports its whole folder
+            targets |= {m for m in modules if m.rsplit(".", 1)[0] == name}
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
 

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.tasks import ClassificationTask, LanguageModelingTask
 
 

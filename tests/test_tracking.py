@@ -139,7 +139,7 @@ def test_last_logged_base_loss_agrees_with_the_final_base_model(wandb_run):
     from hydra.utils import instantiate
 
     from compresslab.data.digits import DigitsDataModule
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
     from compresslab.weights_io import load_state
 
     wb, run_dir, _ = wandb_run

@@ -119,7 +119,8 @@ def bench_models() -> dict[str, BenchModel]:
     and block size; digits images) and a LLaMA of hidden 1024 x 8 layers."""
     from omegaconf import OmegaConf
 
-    from compresslab.models.sources import DataSpec, TinyLlama
+    from compresslab.data.spec import DataSpec
+    from compresslab.models.llama import TinyLlama
 
     pycode = OmegaConf.load(CONFIGS / "dataset" / "pycode.yaml").datamodule
     text = DataSpec("text", vocab_size=int(pycode.vocab_size))
@@ -138,7 +139,8 @@ def bench_models() -> dict[str, BenchModel]:
 def big_model() -> BenchModel:
     """~1.1B parameters (TinyLlama-1.1B's shapes: 22 x 2048, GQA 32/4 heads, MLP 5632,
     vocab 32000, untied head), fp32."""
-    from compresslab.models.sources import DataSpec, TinyLlama
+    from compresslab.data.spec import DataSpec
+    from compresslab.models.llama import TinyLlama
 
     return BenchModel("llama_1b", TinyLlama(hidden_size=2048, num_layers=22, num_heads=32,
                                             num_kv_heads=4, intermediate_size=5632,
@@ -189,7 +191,7 @@ class SharedSVD:
     needs_calibration = False
 
     def __init__(self):
-        from compresslab.compress.svd import PlainSVD
+        from compresslab.compress.decomposer import PlainSVD
 
         self.plain = PlainSVD()
         self.cache: dict[str, tuple] = {}
@@ -236,7 +238,7 @@ def pruned(dense, bm, ratio_, align=1):
 def merged(dense, bm, which):
     from peft import LoraConfig
 
-    from compresslab.stages.adapters import (
+    from compresslab.stages.peft import (
         DEFAULT_ROLES,
         MergeAdaptersStage,
         PeftAdapterStage,
@@ -254,10 +256,10 @@ def merged(dense, bm, which):
 
 
 def configured_rounding() -> tuple[int, float | None]:
-    """``round_to`` and ``round_slack`` of the method configs (configs/method/svd.yaml)."""
+    """``round_to`` and ``round_slack`` of the low-rank methods (method_base/lowrank.yaml)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONFIGS / "method" / "svd.yaml")
+    cfg = OmegaConf.load(CONFIGS / "method_base" / "lowrank.yaml")  # every low-rank method
     return int(cfg.get("round_to", 1)), cfg.get("round_slack")
 
 
@@ -312,7 +314,7 @@ def summarise(times: dict, per_call: float) -> dict:
 
 @torch.inference_mode()
 def measure_speed(bm: BenchModel, forms: dict, repeats: int, device: str, log) -> dict:
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     adapter = adapter_for(forms["dense"][0])
     models = {n: m.to(device) for n, (m, _) in forms.items()}
@@ -372,7 +374,7 @@ def rounding_study(bm: BenchModel, dense: nn.Module, repeats: int, span: int,
     the others, and ``k`` against ``k`` rounded down."""
     from compresslab.compress.lowrank import LowRankLinear
     from compresslab.compress.ratio import rank_for_ratio
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     adapter = adapter_for(dense)
     shapes = sorted({(lin.in_features, lin.out_features)
@@ -466,7 +468,7 @@ def measured_floor(method: str, stage, bm: BenchModel, samples: int) -> dict:
 
     if method not in floor.FLOOR_METHODS:
         return {}
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     dense = bm.build()
     return floor.floor_seconds(method, stage, dense, adapter_for(dense), bm.batch(samples))

@@ -37,8 +37,8 @@ def steppers(width: int, batch: dict) -> dict:
     """The closed-form and the autograd stepper on the same initial network."""
     from compresslab.compress import dln_gd
     from compresslab.data.matrix_recovery import MatrixCompletionDataModule
-    from compresslab.models.adapters import adapter_for
-    from compresslab.models.dln import DeepLinearNetwork
+    from compresslab.models.architecture import adapter_for
+    from compresslab.models.deep_linear import DeepLinearNetwork
 
     out = {}
     lrs = [10.0] * 3

@@ -12,7 +12,7 @@ import torch
 
 
 def train_step_fn(bm, batch: int):
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     model = bm.build().train()
     adapter = adapter_for(model)

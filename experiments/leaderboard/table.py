@@ -51,7 +51,7 @@ def achieved(metrics: dict) -> float | None:
 def dense_model(plan_folder: Path):
     """The dense architecture a compressed folder's plan names, randomly initialised."""
     from compresslab.checkpoints import read_plan, safe_source
-    from compresslab.models.sources import DataSpec
+    from compresslab.data.spec import DataSpec
 
     plan = read_plan(plan_folder)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def measure_setting(runs: dict, repeats: int) -> dict[str, dict[str, float]]:
     dense architecture, all timed in turns."""
     from compresslab import load_compressed
     from compresslab.metrics.speed import median, paired_speedup, timed_in_turns
-    from compresslab.models.adapters import adapter_for
+    from compresslab.models.architecture import adapter_for
 
     folders = {f"{row}@{b}": Path(rec["dir"]) / "compressed" for (row, b), rec in runs.items()
                if (Path(rec["dir"]) / "compressed" / "plan.json").is_file()}

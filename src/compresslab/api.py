@@ -1,7 +1,7 @@
 """Compression as a library call: stages applied to a model and its data, no run folder.
 
     from compresslab.api import compress_model
-    from compresslab.compress.svd import PlainSVD
+    from compresslab.compress.decomposer import PlainSVD
     from compresslab.stages.compress import LowRankStage
 
     result = compress_model(model, {"compress": LowRankStage(PlainSVD(), ratio=0.4)}, data)
@@ -25,7 +25,7 @@ from torch import nn
 
 from compresslab import tracking
 from compresslab.errors import ConfigError
-from compresslab.models.adapters import adapter_for
+from compresslab.models.architecture import adapter_for
 from compresslab.run_folder import stage_key
 from compresslab.seeding import derive_seed
 from compresslab.stages.base import RunContext, Stage

@@ -70,12 +70,12 @@ def read_plan(folder: Path) -> dict[str, Any]:
 
 def safe_source(source_cfg: dict[str, Any], where: str, trust_remote_code: bool = False):
     """The model source a plan names, built without running anything the plan chooses:
-    its ``_target_`` must be a :class:`~compresslab.models.sources.ModelSource` of this
+    its ``_target_`` must be a :class:`~compresslab.models.architecture.ModelSource` of this
     package, its options plain values, and ``trust_remote_code`` comes from the caller,
     never from the file."""
     from hydra.utils import get_object
 
-    from compresslab.models.sources import FAMILY_SOURCES, ModelSource
+    from compresslab.models.architecture import FAMILY_SOURCES, ModelSource
 
     options = dict(source_cfg)
     target = options.pop("_target_", None)
@@ -162,7 +162,7 @@ def load_compressed(folder: str | Path, trust_remote_code: bool = False) -> nn.M
     Nothing in the folder can run code: the plan may only name a model source of this
     package, and a checkpoint's own modelling code (HF ``trust_remote_code``) runs only
     if the caller passes ``trust_remote_code=True``, whatever the plan says."""
-    from compresslab.models.sources import DataSpec
+    from compresslab.data.spec import DataSpec
 
     folder = Path(folder)
     plan = read_plan(folder)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.errors import ConfigError
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.tasks import Task
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -34,6 +34,7 @@ from torch import nn
 
 from compresslab import choices, interrupt, resume, runlock, sharding, tracking
 from compresslab.api import compress_model
+from compresslab.base_cache import build_base_model, needs_pretraining
 from compresslab.checkpoints import save_compressed
 from compresslab.compress.ratio import check_ratio
 from compresslab.data.base import TaskDataModule
@@ -43,9 +44,7 @@ from compresslab.filesystem import atomic_write_text
 from compresslab.matrix import check_pair
 from compresslab.metrics import zero_shot
 from compresslab.metrics.cost import CompressionCost
-from compresslab.models.adapters import adapter_for
-from compresslab.models.base import build_base_model, needs_pretraining
-from compresslab.models.sources import ModelSource
+from compresslab.models.architecture import ModelSource, adapter_for
 from compresslab.models.utils import count_params
 from compresslab.options import check_top_level
 from compresslab.run_folder import stage_key

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 
 
 class Task:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 
 
 class InputStatistic:

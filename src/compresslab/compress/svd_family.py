@@ -1,6 +1,6 @@
 """Data-aware SVD decomposers for LLMs (docs/spectrum.md): FWSVD, ASVD and SVD-LLM.
 
-All three follow :class:`compresslab.compress.svd.Decomposer`'s call signature
+All three follow :class:`compresslab.compress.decomposer.Decomposer`'s call signature
 ``decomposer(weight, rank, name, stats) -> (left, right)``; the low-rank stage collects
 ``stats`` for them (see ``LowRankStage``). Every factorisation is computed in float64.
 
@@ -19,9 +19,9 @@ import logging
 import torch
 
 from compresslab.compress.calibration import ChannelMoments, Gram
+from compresslab.compress.decomposer import Decomposer
 from compresslab.compress.linalg import cholesky_with_repair  # noqa: F401  (also re-exported)
 from compresslab.compress.lowrank import balanced_factors
-from compresslab.compress.svd import Decomposer
 from compresslab.errors import NumericalError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from compresslab.models.sources import DataSpec
+from compresslab.data.spec import DataSpec
 from compresslab.tasks import Task
 
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from compresslab.data.base import TaskDataModule
 from compresslab.data.digits import check_split_fractions, digits_arrays, stratified_split
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
-from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
 
 CLASSES = 10

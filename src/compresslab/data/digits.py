@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from compresslab.data.base import TaskDataModule
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
-from compresslab.models.sources import DataSpec
 from compresslab.tasks import ClassificationTask
 
 

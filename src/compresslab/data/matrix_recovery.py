@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from compresslab.data.matrix import MatrixFactorizationDataModule, spread_low_rank_target
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
-from compresslab.models.sources import DataSpec
 from compresslab.tasks import Task
 
 

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from compresslab.data.base import TaskDataModule
+from compresslab.data.spec import DataSpec
 from compresslab.data.text import BPETokenizer, train_bpe
 from compresslab.errors import ConfigError
 from compresslab.generation import GenerativeQATask
-from compresslab.models.sources import DataSpec
 
 SPLITS = ("train", "val", "test")
 

@@ -14,9 +14,9 @@ from torch.utils.data import Dataset
 
 from compresslab import integrity
 from compresslab.data.base import TaskDataModule
+from compresslab.data.spec import DataSpec
 from compresslab.distributed import is_main_process, wait_for_file
 from compresslab.filesystem import partial_file
-from compresslab.models.sources import DataSpec
 from compresslab.tasks import LanguageModelingTask
 
 EOS = "<|endoftext|>"

@@ -51,7 +51,7 @@ class PrunedLinear(ResizedLinear):
         """The attention whose output projection is ``name`` gets its pruned head counts."""
         if "heads" not in entry:
             return
-        from compresslab.models.adapters import adapter_for
+        from compresslab.models.architecture import adapter_for
 
         adapter, consumer = adapter_for(model), model.get_submodule(name)
         for block in adapter.blocks(model):

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from compresslab.data.spec import DataSpec
 from compresslab.errors import ConfigError
-from compresslab.models.adapters import ArchitectureAdapter, register_adapter
-from compresslab.models.sources import DataSpec, ModelSource
+from compresslab.models.architecture import (
+    ArchitectureAdapter,
+    ModelSource,
+    instance_of,
+    register_adapter,
+)
 
 
 class MLPClassifier(nn.Module):
@@ -39,7 +44,7 @@ class MLPClassifier(nn.Module):
         return x
 
 
-@register_adapter(lambda model: isinstance(model, MLPClassifier))
+@register_adapter(instance_of(__name__, "MLPClassifier"))
 class MLPAdapter(ArchitectureAdapter):
     """Every body and head linear is a block of its own."""
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from compresslab.data.base import TaskDataModule
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 
 
 @dataclass

@@ -10,8 +10,8 @@ from torch import nn
 
 from compresslab.callbacks.progress import progress_enabled, track
 from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSettings
+from compresslab.compress.decomposer import Decomposer
 from compresslab.compress.ratio import lowrank_params, resolve_rank
-from compresslab.compress.svd import Decomposer
 from compresslab.data.base import model_inputs
 from compresslab.errors import NumericalError
 from compresslab.layers.lowrank import LowRankLinear

@@ -10,7 +10,7 @@ from torch import nn
 
 from compresslab import sharding
 from compresslab.errors import NumericalError
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.stages.optim import OptimConfig, build_optimizer
 from compresslab.tasks import Task
 

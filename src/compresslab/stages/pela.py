@@ -22,7 +22,7 @@ from compresslab.compress.pela import (
 )
 from compresslab.errors import ConfigError
 from compresslab.layers.lowrank import LowRankLinear
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.stages.base import RunContext
 from compresslab.stages.compress import LowRankStage, select_linears
 from compresslab.stages.modules import TrainModule

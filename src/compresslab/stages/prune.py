@@ -44,7 +44,7 @@ from compresslab.compress.structured_pruning import (
 from compresslab.errors import ConfigError, NumericalError
 from compresslab.layers import PrunedLinear
 from compresslab.metrics.speed import median, paired_speedup, timed_in_turns
-from compresslab.models.adapters import ArchitectureAdapter
+from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.models.utils import count_params, set_module
 from compresslab.stages.base import RunContext, Stage
 

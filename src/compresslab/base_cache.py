@@ -30,7 +30,7 @@ from compresslab.distributed import is_main_process, wait_for
 from compresslab.errors import ConfigError
 from compresslab.filesystem import atomic_write_text
 from compresslab.integrity import adopt_checksum, checksum_problem, discard_damaged, write_checksum
-from compresslab.models.sources import ModelSource
+from compresslab.models.architecture import ModelSource
 from compresslab.weights_io import load_state, save_state
 
 BASE_FORMAT = "compresslab-base/1"

@@ -46,7 +46,7 @@ class PlainSVD(Decomposer):
     weight to ~1e-5 relative)."""
 
     def __init__(self, dtype: str | None = None):
-        from compresslab.models.sources import parse_dtype
+        from compresslab.models.architecture import parse_dtype
 
         self.dtype = parse_dtype(dtype) if dtype else None
 

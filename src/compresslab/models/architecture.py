@@ -1,19 +1,94 @@
-"""One adapter per architecture: it names the parts algorithms work on.
+"""What an architecture provides, and how the framework finds it.
 
-Algorithms ask an adapter for "the blocks", "the attention linears of block i",
-"the MLP linears", "the compressible linears", "logits and block outputs for a
-batch" and never branch on model names. Supporting a new architecture means
-writing one small adapter class and registering it with :func:`register_adapter`.
+An architecture is one module of :mod:`compresslab.models` (``llama.py``, ``vit.py``,
+``deep_linear.py``, ``mlp.py``) holding:
+
+- its **sources** (:class:`ModelSource`): each model config names one with ``_target_``;
+  a source checks its settings before any work, may provide a tokenizer, and builds the
+  ``nn.Module`` for the data's :class:`~compresslab.data.spec.DataSpec`. Sources never
+  reach a hub: real checkpoints are read from local paths only;
+- its **adapter** (:class:`ArchitectureAdapter`), registered for the model classes it
+  serves: it names the parts algorithms work on ("the blocks", "the attention linears of
+  block i", "the MLP linears", the attention's head layout for structured pruning), so no
+  algorithm branches on model names.
+
+Importing any module of the package imports every architecture (``models/__init__.py``),
+so :func:`adapter_for` knows them all.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from compresslab.data.spec import DataSpec
+from compresslab.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class ModelSource:
+    """Builds one architecture's model for a dataset (see the module docstring)."""
+
+
+    modality: ClassVar[str]
+    #: True when the weights are read from a local file rather than trained here
+    loads_weights: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for settings that cannot work; do no real work."""
+
+    def check_weights(self, skeleton: nn.Module) -> None:
+        """Raise :class:`ConfigError` if the weights files cannot be read or do not fit
+        ``skeleton`` (the architecture on the meta device); reads file headers only where
+        the format allows (safetensors)."""
+
+    def tokenizer(self) -> Any | None:
+        return None
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def skeleton(self, spec: DataSpec) -> nn.Module:
+        """The architecture only; called under ``torch.device("meta")``, reads no weights."""
+        return self.build(spec)
+
+
+#: functions a family config (model=llama, model=vit) names instead of a source class: they
+#: pick the source (a local checkpoint, or the embedded model trained here)
+FAMILY_SOURCES: list[Callable[..., ModelSource]] = []
+
+
+def family_source(fn: Callable[..., ModelSource]) -> Callable[..., ModelSource]:
+    """Mark ``fn`` as a family config's source picker (a saved plan may name it)."""
+    FAMILY_SOURCES.append(fn)
+    return fn
+
+
+def require_dir(path: str | None, what: str, must_contain: str) -> Path:
+    if not path:
+        raise ConfigError(f"{what} needs a local path: set model.path=/path/to/checkpoint")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} path does not exist: {p}")
+    if not (p / must_contain).is_file():
+        raise ConfigError(f"{what} path {p} has no {must_contain}; is it a checkpoint folder?")
+    return p
+
+
+# -- adapters --------------------------------------------------------------------------------
 
 class UnknownArchitectureError(TypeError):
     """The model's class has no registered adapter."""
@@ -79,79 +154,6 @@ class ArchitectureAdapter:
                 for lin in self.block_linears(block).values()}
 
 
-class LlamaAdapter(ArchitectureAdapter):
-    """HF LLaMA-family causal LMs (LlamaForCausalLM and look-alikes)."""
-
-    modality = "text"
-
-    def blocks(self, model):
-        return list(model.model.layers)
-
-    def attention_linears(self, block):
-        a = block.self_attn
-        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
-
-    def mlp_linears(self, block):
-        m = block.mlp
-        return {"gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
-
-    def attention_groups(self, block):
-        a = block.self_attn
-        return a.k_proj.out_features // a.head_dim, a.num_key_value_groups, a.head_dim
-
-    def logits(self, model, inputs):
-        return model(input_ids=inputs, use_cache=False).logits
-
-
-class TimmViTAdapter(ArchitectureAdapter):
-    """timm VisionTransformer (fused qkv attention, fc1/fc2 MLP)."""
-
-    modality = "image"
-
-    def blocks(self, model):
-        return list(model.blocks)
-
-    def attention_linears(self, block):
-        return {"qkv": block.attn.qkv, "o": block.attn.proj}
-
-    def mlp_linears(self, block):
-        return {"up": block.mlp.fc1, "down": block.mlp.fc2}
-
-    def attention_groups(self, block):
-        a = block.attn
-        # an output norm or gate over all heads would need slicing too: not described
-        if not isinstance(getattr(a, "norm", nn.Identity()), nn.Identity) \
-                or getattr(a, "gate", None) is not None:
-            raise NotImplementedError("timm attention with scale_norm or a gate: heads are "
-                                      "not described")
-        return a.qkv.out_features // (3 * a.head_dim), 1, a.head_dim
-
-    def attention_projections(self, block):
-        # qkv rows: [q heads | k heads | v heads], each part heads x head_dim, head-major
-        a = block.attn
-        width = a.qkv.out_features // 3
-        return {"q": (a.qkv, 0), "k": (a.qkv, width), "v": (a.qkv, 2 * width),
-                "o": (a.proj, 0)}
-
-    def set_attention_heads(self, block, kv_heads, heads):
-        # timm's Attention.forward reshapes by num_heads and attn_dim; head_dim stays
-        a = block.attn
-        a.num_heads = heads
-        a.attn_dim = heads * a.head_dim
-
-
-class DeepLinearAdapter(ArchitectureAdapter):
-    """Deep linear networks: every layer is a block and its own linear."""
-
-    modality = "matrix"
-
-    def blocks(self, model):
-        return list(model.layers)
-
-    def block_linears(self, block):
-        return {"linear": block}
-
-
 _ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[ArchitectureAdapter]]] = []
 
 
@@ -163,14 +165,14 @@ def register_adapter(matches: Callable[[nn.Module], bool]):
     return wrap
 
 
-def _class_named(*names: str) -> Callable[[Any], bool]:
-    return lambda model: type(model).__name__ in names
-
-
-register_adapter(_class_named("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"))(
-    LlamaAdapter)
-register_adapter(_class_named("VisionTransformer"))(TimmViTAdapter)
-register_adapter(_class_named("DeepLinearNetwork"))(DeepLinearAdapter)
+def instance_of(module: str, *names: str) -> Callable[[Any], bool]:
+    """A matcher: the model is an instance of one of the classes ``names`` of ``module``
+    (checked only once that library is loaded: a model of it cannot exist before)."""
+    def matches(model) -> bool:
+        library = sys.modules.get(module)
+        return library is not None and isinstance(
+            model, tuple(getattr(library, name) for name in names))
+    return matches
 
 
 def adapter_for(model: nn.Module) -> ArchitectureAdapter:
