@@ -8,6 +8,7 @@ NUMPRUNE_QUICK_RUNS ?= outputs/numprune_runs/quick
 NUMPRUNE_SMALL_RUNS ?= outputs/numprune_runs/small
 NUMPRUNE_DIAGNOSE_RUNS ?= $(NUMPRUNE_RUNS)
 NUMPRUNE_ARGS ?=
+NUMPRUNE_DIAGNOSE_ARGS ?=
 NUMPRUNE_GRID := experiments/numprune/grid.yaml
 .PHONY: table-numprune table-numprune-quick table-numprune-small numprune-diagnose
 
