@@ -163,3 +163,19 @@ def test_a_tiny_grid_end_to_end_through_the_runner_and_the_table(shared_root, tm
     row = next(line for line in text.splitlines() if line.startswith("| 30% |"))
     assert " ± " in row and "**" not in row       # two base models; nothing to beat
     assert "| numerical (global) | 30% | 2 |" in text
+
+
+def make_lines(*args: str) -> str:
+    result = subprocess.run(["make", "-n", "-o", "install", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.replace("\\\n", " ").split())
+
+
+@pytest.mark.parametrize("paper", ["numprune", "spectrum", "pela"])
+def test_table_targets_take_base_seeds_and_quick_ones_default_to_one(paper):
+    assert "--base-seeds 0,1,2" in make_lines(f"table-{paper}")
+    assert "--base-seeds 0 " in make_lines(f"table-{paper}-quick") + " "
+    assert "--base-seeds 3,4" in make_lines(f"table-{paper}-quick", "BASE_SEEDS=3,4")
+    if paper != "pela":     # PELA has no calibration draw
+        assert "--calib-seeds 0" in make_lines(f"table-{paper}")
