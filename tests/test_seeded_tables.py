@@ -59,3 +59,15 @@ def test_one_base_model_is_never_bold():
 def test_paired_p_value_without_spread_in_the_differences():
     assert paired_p_value([1.0, 2.0], [2.0, 3.0], lower_is_better=True) == 0.0
     assert paired_p_value([1.0, 2.0], [2.0, 3.0], lower_is_better=False) == 1.0
+
+
+def test_each_base_seed_is_its_own_cached_base_model(tmp_path):
+    """The seeded tables' base models differ only in model.pretrain.seed: the cache key
+    must too, or every seed would reuse the first base model."""
+    from compresslab.models.base import model_identity
+    from conftest import compose_cfg
+
+    identities = [model_identity(compose_cfg(["model=llama_tiny", f"model.pretrain.seed={s}"],
+                                             tmp_path)) for s in (0, 1)]
+    assert identities[0] != identities[1]
+    assert identities[0]["pretrain"]["seed"] == 0 and identities[1]["pretrain"]["seed"] == 1
