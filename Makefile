@@ -6,6 +6,12 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
+# the paper tables: one generic runner over each paper's declarative grid
+# (experiments/<paper>/grid.yaml); every cell over BASE_SEEDS base models
+# (model.pretrain.seed) and CALIB_SEEDS calibration draws (docs/seeded_tables.md)
+GRID := $(BIN)/python -m compresslab.grid
+BASE_SEEDS ?= 0,1,2
+CALIB_SEEDS ?= 0
 # each paper folder adds its table/figure targets in experiments/<paper>/targets.mk
 -include experiments/*/targets.mk
 .PHONY: help install demo test test-slow lint format base-models dln-demo clean clean-all \
@@ -30,11 +36,11 @@ test: install ## the fast test suite (under 10 minutes on 2 cores)
 test-slow: install ## the long tests only (-m slow)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow --timeout=3600
 
-lint: install ## ruff over the package, tests and entry point
-	$(BIN)/ruff check src tests run.py
+lint: install ## ruff over the package, tests, entry point and experiments
+	$(BIN)/ruff check src tests run.py experiments
 
 format: install ## ruff's import sorting and fixes
-	$(BIN)/ruff check --fix src tests run.py
+	$(BIN)/ruff check --fix src tests run.py experiments
 
 base-models: install ## pre-train and cache the embedded base models (llama, vit)
 	$(BIN)/python run.py method=none model=llama logger=csv

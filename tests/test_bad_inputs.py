@@ -128,6 +128,8 @@ TABLE = {
                       "unknown gate 'step'"),
     "pruning samples < 1": (["method=numerical_pruning", "method.num_samples=0"], 2,
                             "num_samples must be at least 1"),
+    "pruning allocation": (["method=numerical_pruning", "method.allocation=bogus"], 2,
+                           "method.allocation must be per_layer | global, got 'bogus'"),
     "PELA rule": (["method=pela", "method.stages.pretrain.wpr_form=bogus"], 2,
                   "unknown PELA wpr_form 'bogus'"),
     "SoKA init": (["method=soka", "method.stages.adapt.init=bogus"], 2,

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from compresslab.grid import load_grid, run_grid
 from conftest import REPO, TINY_LLAMA, TINY_VIT, compose_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,36 +24,38 @@ def script(name: str):
     return module
 
 
-sweep, table = script("sweep"), script("table")
+table = script("table")
+GRID = REPO / "experiments" / "leaderboard" / "grid.yaml"
 
 
-def tiny_quick_plan() -> dict:
-    """The quick plan with the test suite's tiny models, one row per family on the LLaMA
+def tiny_quick_grid() -> dict:
+    """The quick grid with the test suite's tiny models, one row per family on the LLaMA
     (and one failing row), one on the ViT."""
-    plan = sweep.load_plan(quick=True)
-    llama, vit = plan["settings"]["llama_tiny"], plan["settings"]["vit_tiny"]
-    llama["overrides"] = [*TINY_LLAMA, "eval.lm_eval.limit=8"]
-    llama["rows"] = ["svd", "wanda_prune", "broken"]
-    vit["overrides"], vit["rows"] = TINY_VIT, ["wanda_prune"]
-    plan["rows"]["broken"] = {"family": "pruning",
-                              "overrides": ["method=svd", "model.source.num_heads=3"]}
-    plan["repeats"] = 2
-    return plan
+    grid = load_grid(GRID, "quick")
+    llama, vit = grid["settings"]["llama_tiny"], grid["settings"]["vit_tiny"]
+    llama["overrides"] = [*TINY_LLAMA, "eval.lm_eval.limit=8",
+                          "eval.lm_eval.tasks=[pycode_next_line]"]
+    llama["rows"] = ["dense", "svd", "wanda_prune", "broken"]
+    vit["overrides"], vit["rows"] = TINY_VIT, ["dense", "wanda_prune"]
+    grid["rows"]["broken"] = {"family": "pruning", "overrides": [
+        "method=svd", "model.source.num_heads=3", "eval.dense=false"]}
+    grid["table"]["repeats"] = 2
+    return grid
 
 
 @pytest.fixture(scope="module")
 def board(shared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("board")
-    plan = tiny_quick_plan()
+    grid = tiny_quick_grid()
     extra = [f"paths.root={shared_root}", "logger=none"]
-    failed = sweep.sweep(out / "runs", plan, extra)
-    md = table.render(out / "runs", out / "tables", quick=True, plan=plan)
-    return out, plan, failed, md, extra
+    failed = run_grid(grid, out / "runs", extra=extra)
+    md = table.render(out / "runs", out / "tables", quick=True, plan=table.plan_from_grid(grid))
+    return out, grid, failed, md, extra
 
 
 def test_quick_leaderboard_table(board):
-    out, plan, failed, md, _ = board
-    assert failed == [str(out / "runs" / "llama_tiny" / "broken" / "r0.3")]
+    out, grid, failed, md, _ = board
+    assert len(failed) == 1 and "variant=broken" in failed[0]
     text = md.read_text()
     assert md.name == "leaderboard_quick.md" and (md.parent / "leaderboard_quick.png").is_file()
     assert "Missing runs: broken r0.3" in text
@@ -75,24 +78,31 @@ def test_quick_leaderboard_table(board):
 
 
 def test_rerun_skips_finished_runs(board, capsys):
-    out, plan, _, _, extra = board
-    plan = {**plan, "settings": {"vit_tiny": plan["settings"]["vit_tiny"]}}
-    assert sweep.sweep(out / "runs", plan, extra) == []
+    out, grid, _, _, extra = board
+    assert run_grid(grid, out / "runs", settings=["vit_tiny"], extra=extra) == []
     assert capsys.readouterr().out.count("already finished") == 2
 
 
-def test_rows_that_train_share_the_recovery_budget(tmp_path):
-    plan = sweep.load_plan(quick=False)
+def test_the_tables_plan_comes_from_the_grid():
+    plan = table.load_plan(quick=True)
+    assert plan["budgets"] == [0.3] and plan["recovery_steps"] == 20
+    assert plan["settings"]["vit_tiny"]["rows"] == ["svd", "wanda_prune"]
+    assert plan["rows"]["svd_llm_ft"]["family"] == "low-rank"
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_rows_that_train_share_the_recovery_budget(tmp_path, quick):
+    grid = load_grid(GRID, "quick" if quick else None)
     spent = {}
     for row in ("svd_llm_ft", "spectrum", "pela"):
-        s = compose_cfg([*TINY_LLAMA, *sweep.row_overrides(plan, row)], tmp_path).method.stages
+        s = compose_cfg([*TINY_LLAMA, *grid["rows"][row]["overrides"]], tmp_path).method.stages
         if row == "svd_llm_ft":   # max_steps for each factor in turn
             spent[row] = s.finetune.max_steps * len(s.finetune.order)
         elif row == "spectrum":   # gate search, then fine-tuning
             spent[row] = s.spectrum.max_steps + s.spectrum.finetune_steps
         else:                     # intermediate pre-training, then fine-tuning
             spent[row] = s.pretrain.max_steps + s.finetune.max_steps
-    assert set(spent.values()) == {plan["recovery_steps"]}, spent
+    assert set(spent.values()) == {grid["table"]["recovery_steps"]}, spent
 
 
 def test_pareto_front():

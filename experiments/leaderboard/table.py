@@ -1,4 +1,4 @@
-"""The leaderboard table and Pareto plot from the runs of ``sweep.py``.
+"""The leaderboard table and Pareto plot from the runs of its grid (``grid.yaml``).
 
     python experiments/leaderboard/table.py --runs outputs/leaderboard_runs/main [--quick]
 
@@ -193,15 +193,22 @@ def plot(settings: dict, speed: dict, plan: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def load_plan(quick: bool) -> dict:
-    """sweep.py's :func:`load_plan` (the leaderboard's rows, budgets and settings)."""
-    import importlib.util
+GRID = Path(__file__).with_name("grid.yaml")
 
-    spec = importlib.util.spec_from_file_location("leaderboard_sweep",
-                                                  Path(__file__).with_name("sweep.py"))
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    return sweep.load_plan(quick)
+
+def load_plan(quick: bool) -> dict:
+    """The leaderboard's rows (family, trains), budgets, settings and timing rounds, from
+    its grid (``grid.yaml``, the ``quick`` variant for the smoke run)."""
+    from compresslab.grid import load_grid
+
+    return plan_from_grid(load_grid(GRID, "quick" if quick else None))
+
+
+def plan_from_grid(grid: dict) -> dict:
+    return {"rows": grid["rows"], "budgets": grid["axes"]["ratio"]["values"],
+            "settings": {name: {"rows": [r for r in (s["rows"] or grid["rows"]) if r != "dense"]}
+                         for name, s in grid["settings"].items()},
+            **grid["table"]}
 
 
 def render(runs_dir: Path, tables: Path, quick: bool, retime: bool = False,
@@ -239,7 +246,7 @@ def render(runs_dir: Path, tables: Path, quick: bool, retime: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="the sweep folder (sweep.py --out)")
+    parser.add_argument("--runs", required=True, help="the grid's folder (grid --out)")
     parser.add_argument("--tables", default="outputs/tables")
     parser.add_argument("--quick", action="store_true", help="the smoke variant's settings")
     parser.add_argument("--retime", action="store_true", help="measure the speed-ups again")

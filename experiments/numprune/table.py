@@ -1,10 +1,13 @@
-"""Numerical pruning table: quality, parameters and latency of every pruned model.
+"""Numerical pruning table: quality, parameters and latency of every pruned model, mean ± std
+over base models, bold only where a lead holds beyond the spread.
 
-    python experiments/numprune/table.py --runs outputs/numprune_runs/<stamp>
+    python experiments/numprune/table.py --runs outputs/numprune_runs/main
 
-Writes ``<tables>/numprune.md``, ``<tables>/numprune.png`` (quality against ratio, one
-panel per model) and copies the generated-sample grids of the image model (dense and at
-``--sample-ratio``) beside them. Rows that did not run are reported as missing, not invented.
+Reads the runs of ``python -m compresslab.grid experiments/numprune/grid.yaml`` (any folder
+layout: each run's config says its row, ratio and seeds). Writes ``<tables>/numprune.md``,
+``<tables>/numprune.png`` (test quality against ratio, one panel per model) and copies the
+generated-sample grids of the image model (dense and at ``--sample-ratio``, base model 0)
+beside them. Rows that did not run are reported as missing, not invented.
 """
 
 from __future__ import annotations
@@ -12,149 +15,185 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compresslab.report import collect_runs, fmt, lookup, markdown_table
+from compresslab.report import (
+    BOLD_RULE,
+    bold_verdict,
+    collect_runs,
+    fmt_seeded,
+    lookup,
+    markdown_table,
+    seeded_cells,
+    verdict_note,
+)
 
-LABELS = {"dense": "dense", "numerical": "numerical", "numerical_nocomp": "numerical (no comp.)",
+LABELS = {"dense": "dense", "numerical_global": "numerical (global)",
+          "numerical_per_layer": "numerical (per-layer)",
+          "numerical": "numerical", "numerical_nocomp": "numerical (no comp.)",
           "numerical_lam0.01": "numerical λ=0.01", "numerical_lam100": "numerical λ=100",
           "magnitude": "magnitude-sp", "wanda": "wanda-sp", "flap": "FLAP"}
-BASELINES = ("magnitude", "wanda", "flap")
 METRIC = {"pycode": ("ppl", "perplexity"), "digit_tokens": ("bpp", "bits per pixel")}
+#: the latency column: only the paired speed-up (dense and pruned timed in turns in one
+#: process, median of per-round ratios: metrics/speed.py, as make bench measures)
+SPEEDUP = "prune/speedup"
+CPU_SPEEDUP = "prune/cpu_speedup"
 
 
-def by_setting(records: list[dict]) -> dict[tuple[str, str], dict[tuple[str, float], dict]]:
-    """(model, dataset) -> (variant, ratio) -> record (ratio None for the dense row); the
-    model is labelled with its size, so that sizes are kept apart."""
+def setting_of(rec: dict) -> tuple[str, str]:
+    """(model labelled with its size, dataset): sizes are kept apart."""
+    size = f"{lookup(rec, 'model.source.num_layers')}x{lookup(rec, 'model.source.hidden_size')}"
+    return f"{lookup(rec, 'model.name')} ({size})", lookup(rec, "dataset.name")
+
+
+def by_setting(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     out: dict = {}
     for rec in records:
-        size = (f"{lookup(rec, 'model.source.num_layers')}x"
-                f"{lookup(rec, 'model.source.hidden_size')}")
-        key = (f"{lookup(rec, 'model.name')} ({size})", lookup(rec, "dataset.name"))
-        ratio = lookup(rec, "method.ratio") if lookup(rec, "variant") != "dense" else None
-        out.setdefault(key, {})[(lookup(rec, "variant"), ratio)] = rec
+        out.setdefault(setting_of(rec), []).append(rec)
     return out
 
 
-def comparison(runs: dict, metric: str) -> tuple[list[str], list[list], list[str]]:
-    """Ratio x variant table of the test metric, and which ratios numerical wins."""
-    variants = [v for v in LABELS if v != "dense" and any(k[0] == v for k in runs)]
-    ratios = sorted({r for (_, r) in runs if r is not None})
-    dense = runs.get(("dense", None))
-    header = ["removed", *[LABELS[v] for v in variants], "numerical best?"]
+def ratio_of(rec: dict) -> float | None:
+    return None if lookup(rec, "variant") == "dense" else lookup(rec, "method.ratio")
+
+
+def variant_order(variant: str) -> tuple[int, str]:
+    return (list(LABELS).index(variant) if variant in LABELS else len(LABELS), variant)
+
+
+def cells_of(records: list[dict], metric: str) -> dict[tuple[str, float | None], object]:
+    """(variant, ratio) -> seeded cell of ``metric`` (ratio None: the dense row)."""
+    for rec in records:
+        rec["cfg"]["table_ratio"] = ratio_of(rec)
+    return seeded_cells(records, ["variant", "table_ratio"], metric)
+
+
+def comparison(records: list[dict], split: str, metric: str
+               ) -> tuple[list[str], list[list[str]], list[str]]:
+    """Ratio x variant table of ``split``'s metric (mean ± std over base models, bold by
+    the bold rule among the pruned variants), and one verdict line per ratio."""
+    cells = cells_of(records, f"{split}/{metric}")
+    variants = sorted({v for v, r in cells if r is not None}, key=variant_order)
+    ratios = sorted({r for _, r in cells if r is not None})
+    header = ["removed", "dense", *[LABELS.get(v, v) for v in variants]]
+    dense = fmt_seeded(cells.get(("dense", None)))
     rows, notes = [], []
-    if dense:
-        rows.append(["0 (dense)", *[fmt(dense["metrics"].get(f"test/{metric}"))] * len(variants),
-                     ""])
     for ratio in ratios:
-        values = {v: runs[(v, ratio)]["metrics"].get(f"test/{metric}")
-                  for v in variants if (v, ratio) in runs}
-        base = [values[b] for b in BASELINES if values.get(b) is not None]
-        best = ("yes" if base and values.get("numerical") is not None
-                and values["numerical"] < min(base) else "no" if base else "-")
-        rows.append([f"{ratio:.0%}", *[fmt(values[v]) if v in values else "missing"
-                                       for v in variants], best])
-        notes.append(f"{ratio:.0%}: {best}")
+        row = {v: cells[(v, ratio)] for v in variants if (v, ratio) in cells}
+        verdict = bold_verdict(row, lower_is_better=True)
+        rows.append([f"{ratio:.0%}", dense,
+                     *[fmt_seeded(row.get(v), bold=verdict.bold and v == verdict.best)
+                       if v in row else "missing" for v in variants]])
+        notes.append(verdict_note(f"{ratio:.0%}", verdict, lambda v: LABELS.get(v, v)))
     return header, rows, notes
 
 
-def details(runs: dict, metric: str) -> tuple[list[str], list[list]]:
-    header = ["variant", "target", f"val {metric}", f"test {metric}", "parameters",
-              "prunable removed", "latency ms (dense)", "speedup", "CPU ms (dense)",
-              "CPU speedup", "sample acc"]
+def details(records: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
+    """Per variant and ratio: base models, quality, parameters removed, paired speed-ups."""
+    keys = {"val": f"val/{metric}", "test": f"test/{metric}", "removed": "prune/params_ratio",
+            "speedup": SPEEDUP, "cpu": CPU_SPEEDUP, "samples": "samples/classifier_acc"}
+    cells = {name: cells_of(records, key) for name, key in keys.items()}
+    header = ["variant", "target", "base models", f"val {metric}", f"test {metric}",
+              "prunable removed", "latency speed-up (paired)", "CPU-time speed-up (paired)",
+              "sample acc"]
     rows = []
-    for (variant, ratio), rec in sorted(runs.items(), key=lambda kv: (
-            kv[0][1] or 0, list(LABELS).index(kv[0][0]) if kv[0][0] in LABELS else 99)):
-        m = rec["metrics"]
-        acc = m.get("samples/classifier_acc")
-        rows.append([LABELS.get(variant, variant), "-" if ratio is None else f"{ratio:.0%}",
-                     fmt(m[f"val/{metric}"]) if f"val/{metric}" in m else "-",
-                     fmt(m.get(f"test/{metric}")), m.get("params/compressed", "-"),
-                     fmt(m.get("prune/params_ratio", 0.0)),
-                     f"{fmt(m['prune/latency_ms'], 3)} ({fmt(m['prune/latency_dense_ms'], 3)})"
-                     if "prune/latency_ms" in m else "-",
-                     fmt(m.get("prune/speedup", 1.0), 3),
-                     f"{fmt(m['prune/cpu_ms'], 3)} ({fmt(m['prune/cpu_dense_ms'], 3)})"
-                     if "prune/cpu_ms" in m else "-",
-                     fmt(m.get("prune/cpu_speedup", 1.0), 3), "-" if acc is None else fmt(acc, 3)])
+    for variant, ratio in sorted({k for c in cells.values() for k in c},
+                                 key=lambda k: (k[1] or 0, variant_order(k[0]))):
+        got = {name: c.get((variant, ratio)) for name, c in cells.items()}
+        n = max((c.n for c in got.values() if c is not None), default=0)
+        rows.append([LABELS.get(variant, variant), "-" if ratio is None else f"{ratio:.0%}", n,
+                     fmt_seeded(got["val"]), fmt_seeded(got["test"]),
+                     fmt_seeded(got["removed"], digits=3),
+                     fmt_seeded(got["speedup"], digits=3), fmt_seeded(got["cpu"], digits=3),
+                     fmt_seeded(got["samples"], digits=3)])
     return header, rows
 
 
 def plot(settings: dict, path: Path) -> None:
+    """Test quality against ratio: mean over base models, bars of one std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compresslab.report import save_figure
+
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
-    for ax, ((model, dataset), runs) in zip(axes[0], sorted(settings.items())):
+    for ax, ((model, dataset), records) in zip(axes[0], sorted(settings.items())):
         metric, name = METRIC.get(dataset, ("loss", "loss"))
-        for variant, label in LABELS.items():
-            points = sorted((r, rec["metrics"][f"test/{metric}"])
-                            for (v, r), rec in runs.items() if v == variant
-                            and r is not None and f"test/{metric}" in rec["metrics"])
-            if points:
-                ax.plot(*zip(*points), marker="o", label=label)
-        if ("dense", None) in runs:
-            ax.axhline(runs[("dense", None)]["metrics"][f"test/{metric}"], color="k", ls=":",
-                       label="dense")
+        cells = cells_of(records, f"test/{metric}")
+        for variant in sorted({v for v, r in cells if r is not None}, key=variant_order):
+            points = sorted((r, c) for (v, r), c in cells.items() if v == variant
+                            and r is not None)
+            ax.errorbar([r for r, _ in points], [c.mean for _, c in points],
+                        yerr=[c.std for _, c in points], marker="o", capsize=3,
+                        label=LABELS.get(variant, variant))
+        if ("dense", None) in cells:
+            ax.axhline(cells[("dense", None)].mean, color="k", ls=":", label="dense")
         ax.set(xlabel="fraction of prunable parameters removed", ylabel=f"test {name}",
                title=f"{model} / {dataset}")
         if metric == "ppl":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def copy_sample_grids(settings: dict, out: Path, ratio: float) -> list[str]:
-    """The dense model's sample grid and every variant's at ``ratio``, copied beside the table."""
+    """The dense model's sample grid and every variant's at ``ratio`` (base model 0)."""
     import shutil
 
     copied = []
-    for runs in settings.values():
-        for (variant, r), rec in sorted(runs.items(), key=lambda kv: str(kv[0])):
-            png = Path(rec["dir"]) / "samples.png"
-            if png.is_file() and (r is None or r == ratio):
-                name = f"numprune_samples_{variant}{'' if r is None else f'_r{r}'}.png"
+    for records in settings.values():
+        for rec in sorted(records, key=lambda r: r["dir"]):
+            png, r = Path(rec["dir"]) / "samples.png", ratio_of(rec)
+            if (png.is_file() and (r is None or r == ratio)
+                    and lookup(rec, "model.pretrain.seed", 0) == 0):
+                suffix = "" if r is None else f"_r{r}"
+                name = f"numprune_samples_{lookup(rec, 'variant')}{suffix}.png"
                 shutil.copyfile(png, out / name)
                 copied.append(name)
-    return copied
+    return sorted(set(copied))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="the sweep folder (sweep.py --out)")
-    parser.add_argument("--tables", default="outputs/tables")
-    parser.add_argument("--sample-ratio", type=float, default=0.3,
-                        help="copy the generated-sample grids of the runs at this ratio")
-    args = parser.parse_args()
-    records = collect_runs(args.runs)
+def render(runs: Path, tables: Path, sample_ratio: float = 0.3) -> str:
+    records = collect_runs(runs)
     if not records:
-        raise SystemExit(f"error: no finished runs below {args.runs}")
+        raise SystemExit(f"error: no finished runs below {runs}")
     settings = by_setting(records)
-    parts = ["# Numerical pruning vs structured baselines\n",
-             f"Runs: `{args.runs}` (W&B group `numprune`). `removed`/`target`: fraction of the "
-             "prunable (attention + MLP) parameters removed. Latency: fastest of 10 forward "
-             "passes on a batch of 64 calibration sequences, pruned model and dense copy taking "
-             "turns in the same process; wall clock and process CPU time (the CPU time is not "
-             "stretched by other processes sharing the cores).\n"]
-    for (model, dataset), runs in sorted(settings.items(), reverse=True):
+    parts = ["# Numerical pruning vs structured baselines\n\n",
+             f"Runs: `{runs}` (W&B group `numprune`). `removed`/`target`: fraction of the "
+             "prunable (attention + MLP) parameters removed. " + BOLD_RULE + " Latency: only "
+             "the paired speed-up — the pruned model and a copy of the dense one take turns "
+             "in the same process (10 rounds on a batch of 64 calibration sequences), the "
+             "median of the per-round ratios dense / pruned, as `make bench` measures; CPU "
+             "time likewise ('-': not measured).\n"]
+    for (model, dataset), recs in sorted(settings.items(), reverse=True):
         metric, name = METRIC.get(dataset, ("loss", "loss"))
-        header, rows, notes = comparison(runs, metric)
-        parts += [f"\n## {model} / {dataset}: test {name} (lower is better)\n",
-                  markdown_table(header, rows),
-                  f"\nNumerical beats every baseline at: {', '.join(notes) or '-'}\n",
-                  "\n" + markdown_table(*details(runs, metric))]
-    out = Path(args.tables)
-    out.mkdir(parents=True, exist_ok=True)
-    grids = copy_sample_grids(settings, out, args.sample_ratio)
+        for split in ("test", "val"):
+            header, rows, notes = comparison(recs, split, metric)
+            if not rows:
+                continue
+            parts += [f"\n## {model} / {dataset}: {split} {name} (lower is better)\n\n",
+                      markdown_table(header, rows), "\nBold rule per ratio:\n\n",
+                      "\n".join(notes) + "\n"]
+        parts += [f"\n### {model} / {dataset}: details\n\n", markdown_table(*details(recs, metric))]
+    tables.mkdir(parents=True, exist_ok=True)
+    grids = copy_sample_grids(settings, tables, sample_ratio)
     if grids:
         parts.append(f"\nSample grids (one row per class): {', '.join(grids)}\n")
     text = "".join(parts)
-    (out / "numprune.md").write_text(text)
-    plot(settings, out / "numprune.png")
-    print(text)
+    (tables / "numprune.md").write_text(text)
+    plot(settings, tables / "numprune.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help="the grid's folder (grid --out)")
+    parser.add_argument("--tables", default="outputs/tables")
+    parser.add_argument("--sample-ratio", type=float, default=0.3,
+                        help="copy the generated-sample grids of the runs at this ratio")
+    args = parser.parse_args(argv)
+    print(render(Path(args.runs), Path(args.tables), args.sample_ratio))
 
 
 if __name__ == "__main__":

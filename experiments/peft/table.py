@@ -1,4 +1,4 @@
-"""The PEFT table and loss curves from the runs of experiments/peft/sweep.py.
+"""The PEFT table and loss curves from the runs of its grid (experiments/peft/grid.yaml).
 
     python experiments/peft/table.py --runs outputs/peft_runs/main
 

@@ -14,7 +14,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compresslab.report import aggregate, collect_runs, fmt_mean_std, line_plot
+from compresslab.report import (
+    BOLD_RULE,
+    aggregate,
+    bold_verdict,
+    collect_runs,
+    fmt_mean_std,
+    fmt_seeded,
+    line_plot,
+    seeded_cells,
+    verdict_note,
+)
 
 ROW_LABELS = {"dense": "dense", "lra": "LRA", "lra_ft": "LRA + fine-tune",
               "lra_fd": "LRA + FD", "lra_fd_wpr": "LRA + FD + WPR"}
@@ -35,6 +45,32 @@ def fmt_count(value: tuple[float, float] | None) -> str:
     return "-" if value is None else f"{round(value[0]):,}"
 
 
+def quality_cells(records: list[dict], split: str) -> dict[tuple, object]:
+    """(model, row, ratio) -> seeded cell of the split's acc or ppl (the dense row under
+    ratio None: its ratio does nothing)."""
+    cells = {}
+    for name in ("acc", "ppl"):
+        for (model, row, ratio), cell in seeded_cells(
+                records, ["model.name", "row", "method.ratio"], f"{split}/{name}").items():
+            cells[(model, row, None if row == "dense" else ratio)] = cell
+    return cells
+
+
+def verdicts(records: list[dict]) -> dict[tuple[str, float], object]:
+    """(model, ratio) -> the bold rule over the decomposed rows' test metric."""
+    cells = quality_cells(records, "test")
+    higher = {m: METRIC.get(d, "acc") == "acc" for m, d in models_of(records)}
+    out = {}
+    for model, ratio in sorted({(m, r) for m, _, r in cells if r is not None}):
+        row = {row: c for (m, row, r), c in cells.items() if m == model and r == ratio}
+        out[(model, ratio)] = bold_verdict(row, lower_is_better=not higher[model])
+    return out
+
+
+def models_of(records: list[dict]) -> set[tuple[str, str]]:
+    return {(r["cfg"]["model"]["name"], r["cfg"]["dataset"]["name"]) for r in records}
+
+
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     stage_metrics = [f"{stage}/test_{m}" for stage in ("after_decompose", "after_pretrain")
                      for m in ("acc", "ppl")]
@@ -43,7 +79,10 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
                         "train/time_s",
                         *stage_metrics])
     by_key = {(g["model.name"], g["row"], g["method.ratio"]): g for g in groups}
-    header = ["model / data", "ratio", "row", "seeds", "parameters", "val acc or ppl",
+    val_cells, test_cells = quality_cells(records, "val"), quality_cells(records, "test")
+    bold = verdicts(records)
+    header = ["model / data", "ratio", "row", "runs", "base models", "parameters",
+              "val acc or ppl",
               "test acc or ppl",
               "train time (s)", "before training", "after intermediate"]
     rows, curves = [], {}
@@ -59,9 +98,13 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
                 g = dense if row == "dense" else by_key.get((model, row, ratio))
                 if g is None:
                     continue
+                key = (model, row, None if row == "dense" else ratio)
+                verdict = bold.get((model, ratio))
+                is_bold = bool(verdict and verdict.bold and verdict.best == row)
+                test = test_cells.get(key)
                 rows.append([f"{model} / {dataset}", ratio, label, g["n"],
-                             fmt_count(g["params/compressed"]),
-                             fmt_mean_std(g[f"val/{name}"]), fmt_mean_std(g[metric]),
+                             test.n if test else 0, fmt_count(g["params/compressed"]),
+                             fmt_seeded(val_cells.get(key)), fmt_seeded(test, is_bold),
                              fmt_mean_std(g["train/time_s"], 3),
                              fmt_mean_std(g[f"after_decompose/test_{name}"]),
                              fmt_mean_std(g[f"after_pretrain/test_{name}"])])
@@ -76,7 +119,7 @@ def main() -> None:
     from compresslab.report import markdown_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="the sweep folder (sweep.py --out)")
+    parser.add_argument("--runs", required=True, help="the grid's folder (grid --out)")
     parser.add_argument("--tables", default="outputs/tables")
     args = parser.parse_args()
     records = with_train_time(collect_runs(args.runs))
@@ -85,8 +128,13 @@ def main() -> None:
     header, rows, curves = table_rows(records)
     out = Path(args.tables)
     out.mkdir(parents=True, exist_ok=True)
+    notes = [verdict_note(f"{model} at ratio {ratio}", v, lambda r: ROW_LABELS.get(r, r))
+             for (model, ratio), v in verdicts(records).items()]
     text = ("# PELA ablation\n\nEach row is followed by the same downstream fine-tuning. "
-            f"Runs: `{args.runs}` (W&B group `pela`).\n\n" + markdown_table(header, rows))
+            f"Runs: `{args.runs}` (W&B group `pela`). runs: the runs behind a cell (base "
+            f"models x run seeds). {BOLD_RULE} Only the decomposed rows compete (dense is "
+            "the reference).\n\n" + markdown_table(header, rows)
+            + "\nBold rule per model and ratio (test):\n\n" + "\n".join(notes) + "\n")
     (out / "pela.md").write_text(text)
     if curves:
         line_plot(curves, out / "pela.png", xlabel="ratio (fraction of layer weights removed)",

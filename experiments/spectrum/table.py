@@ -14,7 +14,18 @@ import argparse
 import shutil
 from pathlib import Path
 
-from compresslab.report import aggregate, collect_runs, fmt, line_plot, lookup, markdown_table
+from compresslab.report import (
+    BOLD_RULE,
+    aggregate,
+    bold_verdict,
+    collect_runs,
+    fmt_seeded,
+    line_plot,
+    lookup,
+    markdown_table,
+    seeded_cells,
+    verdict_note,
+)
 
 #: svd_llm_ft (SVD-LLM + its factor update) is the trained baseline spectrum must face too:
 #: spectrum trains its gates, so beating untrained svd_llm alone would not be enough
@@ -42,6 +53,23 @@ def cells(records: list[dict], split: str = "test") -> tuple[dict, dict, float |
         if got:
             achieved[(method, ratio)] = got[0]
     return ppl, achieved, dense
+
+
+def seeded_rows(records: list[dict], methods: list[str], ratios: list[float],
+                split: str) -> tuple[list[list[str]], list[str]]:
+    """Ratio rows of ``split`` perplexity, mean ± std over base models, the best method bold
+    by the bold rule; and one verdict line per ratio."""
+    cells = seeded_cells(records, ["method.name", "method.ratio"], f"{split}/ppl")
+    dense = next((c for (m, _), c in cells.items() if m == "none"), None)
+    rows, notes = [], []
+    for r in ratios:
+        row = {m: cells[(m, r)] for m in methods if (m, r) in cells}
+        verdict = bold_verdict(row, lower_is_better=True)
+        rows.append([r, fmt_seeded(dense), *[fmt_seeded(row.get(m), verdict.bold
+                                                        and m == verdict.best)
+                                             for m in methods]])
+        notes.append(verdict_note(f"ratio {r}", verdict))
+    return rows, notes
 
 
 def budgets(records: list[dict]) -> tuple[dict, dict]:
@@ -88,7 +116,7 @@ def order_checks(ppl: dict, ratios: list[float]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help="the sweep folder (sweep.py --out)")
+    parser.add_argument("--runs", required=True, help="the grid's folder (grid --out)")
     parser.add_argument("--tables", default="outputs/tables")
     args = parser.parse_args()
     records = collect_runs(args.runs)
@@ -99,20 +127,20 @@ def main() -> None:
     kept, inputs = budgets(records)
     ratios = sorted({r for _, r in ppl})
     methods = [m for m in METHODS if any((m, r) in ppl for r in ratios)]
-    rows = [[r, fmt(dense) if dense else "-", *[ppl.get((m, r), "-") for m in methods]]
-            for r in ratios]
-    val_rows = [[r, fmt(dense_val) if dense_val else "-",
-                 *[val.get((m, r), "-") for m in methods]] for r in ratios]
+    rows, notes = seeded_rows(records, methods, ratios, "test")
+    val_rows, val_notes = seeded_rows(records, methods, ratios, "val")
     ratio_rows = [[r, *[achieved.get((m, r), "-") for m in methods]] for r in ratios]
     kept_rows = [[r, *[kept.get((m, r), "-") for m in methods]] for r in ratios]
     model = model_label(records[0]["cfg"].get("model", {}))
     data = next((rec["cfg"].get("dataset", {}).get("name") for rec in records), "?")
     text = (f"# SVD family vs learned spectrum: {model} on {data}\n\n"
             f"Test perplexity (lower is better); ratio = fraction of the compressed layers' "
-            f"weights removed. Runs: `{args.runs}` (W&B group `spectrum`).\n\n"
+            f"weights removed. Runs: `{args.runs}` (W&B group `spectrum`). {BOLD_RULE}\n\n"
             + markdown_table(["ratio", "dense", *methods], rows)
+            + "\nBold rule per ratio:\n\n" + "\n".join(notes) + "\n"
             + "\nValidation perplexity (what choices are made on):\n\n"
-            + (markdown_table(["ratio", "dense", *methods], val_rows) if val else
+            + (markdown_table(["ratio", "dense", *methods], val_rows)
+               + "\nBold rule per ratio (val):\n\n" + "\n".join(val_notes) + "\n" if val else
                "(no val split evaluated: eval.splits lacks val)\n")
             + "\nAchieved ratio of the compressed layers:\n\n"
             + markdown_table(["ratio", *methods], ratio_rows)
@@ -122,7 +150,8 @@ def main() -> None:
             + "\nCalibration inputs (dense: statistics of the uncompressed model; compressed: "
             "of the already-compressed prefix): "
             + ", ".join(f"{m} {inputs.get(m) or '-'}" for m in methods) + "\n"
-            + "\nExpected order (svd_llm < asvd < svd, spectrum <= svd_llm):\n\n"
+            + "\nExpected order of the means over base models (svd_llm < asvd < svd, "
+            "spectrum <= svd_llm):\n\n"
             + "\n".join(order_checks(ppl, ratios)) + "\n")
     out = Path(args.tables)
     out.mkdir(parents=True, exist_ok=True)

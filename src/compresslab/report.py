@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,122 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# -- seeded cells: mean ± std over base models, and when a lead is real ----------------------
+
+#: the base model's seed: the paper tables' cells are compared paired by it
+BASE_SEED_KEY = "model.pretrain.seed"
+#: one-sided significance level of the paired t-test behind a bold cell
+BOLD_ALPHA = 0.05
+BOLD_RULE = ("Cells: mean ± sample std over base models (`model.pretrain.seed`; runs of one "
+             "base model with several calibration or run seeds are averaged first). **Bold**: "
+             "the best mean of the row, only where its lead holds beyond the spread: paired "
+             "by base model, it beats the runner-up on every base model and a one-sided paired "
+             f"t-test over base models gives p < {BOLD_ALPHA}; a row with one base model is "
+             "never bold.")
+
+
+@dataclass
+class SeededCell:
+    """One table cell over base models: ``values[base seed]`` (each the mean over that base's
+    calibration or run seeds), their mean and sample std, ``runs`` the runs behind it."""
+
+    values: dict[Any, float]
+    runs: int
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return mean_std(list(self.values.values()))[0]
+
+    @property
+    def std(self) -> float:
+        return mean_std(list(self.values.values()))[1]
+
+
+def seeded_cells(records: list[dict[str, Any]], by: list[str], metric: str,
+                 seed_key: str = BASE_SEED_KEY) -> dict[tuple, SeededCell]:
+    """Cells keyed by the ``by`` values, each holding ``metric`` per base seed (``seed_key``;
+    a run without it counts as seed 0): the runs of one base seed (other calibration or
+    run seeds) are averaged first, so that the cell is paired by base model."""
+    per_seed: dict[tuple, dict[Any, list[float]]] = {}
+    for rec in records:
+        value = lookup(rec, metric)
+        if value is None:
+            continue
+        key = tuple(lookup(rec, k) for k in by)
+        per_seed.setdefault(key, {}).setdefault(lookup(rec, seed_key, 0), []).append(
+            float(value))
+    return {key: SeededCell({s: mean_std(v)[0] for s, v in sorted(seeds.items(),
+                                                                     key=lambda kv: str(kv[0]))},
+                            sum(len(v) for v in seeds.values()))
+            for key, seeds in per_seed.items()}
+
+
+@dataclass
+class Verdict:
+    """Which entry of a row is bold (None: none) and why."""
+
+    best: str | None            # the best mean (bold only if ``bold``)
+    runner_up: str | None
+    bold: bool
+    p_value: float | None       # one-sided paired t-test, best vs runner-up
+    reason: str
+
+
+def bold_verdict(row: dict[str, SeededCell], lower_is_better: bool,
+                 alpha: float = BOLD_ALPHA) -> Verdict:
+    """The bold rule over one row's cells (name -> cell): the best mean is bold only when,
+    paired by base seed with the runner-up, it is better on every shared seed and the
+    one-sided paired t-test gives p < ``alpha``; fewer than two shared seeds: never bold."""
+    ranked = sorted(row, key=lambda name: row[name].mean, reverse=not lower_is_better)
+    if not ranked:
+        return Verdict(None, None, False, None, "no runs")
+    best = ranked[0]
+    if len(ranked) == 1:
+        return Verdict(best, None, False, None, "nothing to compare with")
+    second = ranked[1]
+    seeds = [s for s in row[best].values if s in row[second].values]
+    if len(seeds) < 2:
+        return Verdict(best, second, False, None,
+                       f"{best} vs {second}: {len(seeds)} shared base model(s)")
+    a = [row[best].values[s] for s in seeds]
+    b = [row[second].values[s] for s in seeds]
+    wins = sum((x < y) if lower_is_better else (x > y) for x, y in zip(a, b))
+    p = paired_p_value(a, b, lower_is_better)
+    bold = wins == len(seeds) and p < alpha
+    reason = (f"{best} vs {second}: better on {wins}/{len(seeds)} base models, "
+              f"one-sided paired t-test p = {p:.3g}")
+    return Verdict(best, second, bold, p, reason)
+
+
+def paired_p_value(a: list[float], b: list[float], lower_is_better: bool) -> float:
+    """One-sided paired t-test that ``a`` is better than ``b`` (scipy.stats.ttest_rel).
+    Differences that are all equal have no spread: p is 0 if they favour ``a``, else 1."""
+    from scipy.stats import ttest_rel
+
+    diffs = [x - y for x, y in zip(a, b)]
+    if max(diffs) == min(diffs):
+        favours = diffs[0] < 0 if lower_is_better else diffs[0] > 0
+        return 0.0 if favours else 1.0
+    result = ttest_rel(a, b, alternative="less" if lower_is_better else "greater")
+    return float(result.pvalue)
+
+
+def fmt_seeded(cell: SeededCell | None, bold: bool = False, digits: int = 4) -> str:
+    """``mean ± std`` (one base model: the value alone), in bold when ``bold``; '-' if None."""
+    if cell is None:
+        return "-"
+    text = fmt(cell.mean, digits) if cell.n == 1 else (
+        f"{fmt(cell.mean, digits)} ± {fmt(cell.std, 2)}")
+    return f"**{text}**" if bold else text
+
+
+def verdict_note(where: str, verdict: Verdict, label=str) -> str:
+    """One line under a seeded table: which cell of row ``where`` is bold and why."""
+    head = f"**{label(verdict.best)}** bold" if verdict.bold else "no bold cell"
+    return f"- {where}: {head} ({verdict.reason})"

@@ -80,6 +80,22 @@ def mask_hessian(weight: torch.Tensor, gram: torch.Tensor, damping: float) -> to
     return hl
 
 
+#: above this many channels the conditioning is not measured (an eigendecomposition of a
+#: large Hessian would cost more than the pruning itself)
+CONDITIONING_MAX_DIM = 4096
+
+
+def conditioning(matrix: torch.Tensor) -> dict[str, float] | None:
+    """Smallest eigenvalue and condition number of a symmetric matrix (after its damping):
+    how well posed the solve with it is. None above :data:`CONDITIONING_MAX_DIM`."""
+    if len(matrix) > CONDITIONING_MAX_DIM:
+        return None
+    eig = torch.linalg.eigvalsh(matrix.double())
+    smallest, largest = float(eig[0]), float(eig[-1])
+    return {"min_eig": smallest,
+            "cond": largest / smallest if smallest > 0 else float("inf")}
+
+
 def numerical_mask(hl: torch.Tensor, keep: float, lam: float,
                    repairs: RepairLog | None = None) -> torch.Tensor:
     """Closed-form minimiser ``z* = 1 - c Hl^{-1} 1`` of the quadratic mask objective
@@ -138,9 +154,11 @@ class NumericalScore(Criterion):
                  newton_steps: int = 0):
         self.ratio, self.lam, self.damping, self.newton_steps = ratio, lam, damping, newton_steps
         self.repairs = RepairLog("score_cholesky")
+        self.last_conditioning: dict[str, float] | None = None   # of the last mask solve
 
     def __call__(self, weight, inputs, group_size):
         hl = mask_hessian(weight, inputs.gram, self.damping)
+        self.last_conditioning = conditioning(hl)
         keep = (1 - self.ratio) * len(hl)
         z = (numerical_mask_newton(hl, keep, self.lam, self.newton_steps, repairs=self.repairs)
              if self.newton_steps else numerical_mask(hl, keep, self.lam, self.repairs))
@@ -267,6 +285,20 @@ class UniformAllocation(Allocator):
         return removed
 
 
+#: ``method.allocation`` -> allocator: per_layer removes the same fraction in every block,
+#: global ranks every structure of every layer together (the paper's allocation)
+ALLOCATIONS = {"per_layer": UniformAllocation, "global": GlobalAllocation}
+
+
+def allocation(name: str) -> Allocator:
+    """The allocator ``method.allocation`` names (a bad name: one-line ConfigError)."""
+    from compresslab.errors import ConfigError
+
+    if name not in ALLOCATIONS:
+        raise ConfigError(f"method.allocation must be {' | '.join(ALLOCATIONS)}, got {name!r}")
+    return ALLOCATIONS[name]()
+
+
 def align_kept(layers: Sequence[LayerScores], removal: dict[tuple[int, str], list[int]],
                align: int, kinds: Sequence[str] = ("mlp",)) -> dict[tuple[int, str], list[int]]:
     """Adjust ``removal`` so that every layer of ``kinds`` keeps a multiple of ``align``
@@ -346,9 +378,13 @@ class OBSCompensation(Compensator):
     def __init__(self, damping: float = 0.01):
         self.damping = damping
         self.repairs = RepairLog("compensation_cholesky")
+        self.last_conditioning: dict[str, float] | None = None   # of the last G solve
 
     def __call__(self, linear, inputs, pruned):
         if len(pruned):
+            g = 2 * inputs.gram.double()       # the G of obs_update, damped as there
+            g.diagonal().add_(self.damping * g.diagonal().mean().clamp_min(1e-30))
+            self.last_conditioning = conditioning(g)
             linear.weight.data.copy_(obs_update(linear.weight.data, inputs.gram, pruned,
                                                 self.damping, self.repairs))
 

@@ -233,6 +233,7 @@ class StructuredPruneStage(Stage):
                 try:
                     scores = self.criterion(lay["consumer"].weight.data, inputs[kind],
                                             lay["group_size"]).float()
+                    self._log_conditioning(ctx, "score", index, kind, self.criterion)
                     if not bool(torch.isfinite(scores).all()):
                         raise NumericalError("scores are not finite (NaN/Inf activations)")
                 except NumericalError as exc:
@@ -255,6 +256,8 @@ class StructuredPruneStage(Stage):
                     try:
                         self.compensator(lay["consumer"], inputs, removed_channels(
                             lay["count"], lay["group_size"], removed))
+                        self._log_conditioning(ctx, "compensation", index, kind,
+                                               self.compensator)
                         if not all(bool(torch.isfinite(p).all())
                                    for p in lay["consumer"].parameters()):
                             raise NumericalError("compensated weights are not finite")
@@ -270,6 +273,17 @@ class StructuredPruneStage(Stage):
                     {"kv_heads": kept, "heads": kept * lay["heads_per_group"]}
                     if kind == "attention" else {"channels": kept})
                 ctx.plan.update({n: layer.plan_entry() for n, layer in pruned.items()})
+
+    def _log_conditioning(self, ctx, solve: str, index: int, kind: str, solver) -> None:
+        """Smallest eigenvalue and condition number of the matrix ``solver`` (criterion or
+        compensator) last solved with, per block and kind, and the worst over blocks: an
+        ill-posed solve shows where a score or an update is unreliable."""
+        measured = getattr(solver, "last_conditioning", None)
+        if not measured:
+            return
+        ctx.log({f"{self.name}/{solve}_{k}/block{index}_{kind}": v for k, v in measured.items()})
+        worst = ctx.metrics.get(f"{self.name}/{solve}_cond_max", 0.0)
+        ctx.log({f"{self.name}/{solve}_cond_max": max(worst, measured["cond"])})
 
     def _structure_counts(self, model, adapter) -> dict[str, int]:
         out = {}

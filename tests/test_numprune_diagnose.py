@@ -1,0 +1,49 @@
+"""experiments/numprune/diagnose.py on run folders written here: val only, structures removed
+per block, conditioning per block, the figure."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO
+
+
+def write_run(root, variant, ratio, base_seed, val, heads, channels):
+    run = root / variant / f"r{ratio}-b{base_seed}"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"variant": variant, "dataset": {"name": "pycode"},
+           "model": {"name": "llama_tiny", "pretrain": {"seed": base_seed},
+                     "source": {"num_layers": 2, "hidden_size": 8, "num_heads": 4,
+                                "intermediate_size": 10}},
+           "method": {"name": "x", "ratio": ratio}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = {"val/ppl": val, "test/ppl": 1e9,     # test must never be read
+               **{f"prune/heads_layer{i}": h for i, h in enumerate(heads)},
+               **{f"prune/channels_layer{i}": c for i, c in enumerate(channels)},
+               **{f"prune/{solve}_{what}/block{i}_{kind}": 10.0 * (i + 1)
+                  for solve in ("score", "compensation") for what in ("cond", "min_eig")
+                  for i in range(2) for kind in ("attention", "mlp")}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_diagnosis_reads_val_only_and_counts_removed_structures(tmp_path):
+    runs = tmp_path / "runs"
+    for base in (0, 1):
+        write_run(runs, "numerical_global", 0.5, base, 40.0 + base, [1, 4], [2, 9])
+        write_run(runs, "numerical_per_layer", 0.5, base, 30.0 + base, [2, 2], [5, 5])
+        write_run(runs, "wanda", 0.5, base, 35.0 + base, [2, 2], [5, 5])
+    figure = tmp_path / "structures.png"
+    result = subprocess.run([sys.executable, str(REPO / "experiments/numprune/diagnose.py"),
+                             "--runs", str(runs), "--ratios", "0.5", "--base-seeds", "0,1",
+                             "--tables", str(tmp_path / "tables"), "--figure", str(figure),
+                             "--no-run"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = (tmp_path / "tables" / "numprune_diagnose.md").read_text()
+    assert "1e+09" not in text and "1.000e+09" not in text
+    assert "| 50% | - | 40.5 ± 0.71 | - | **30.5 ± 0.71** | 35.5 ± 0.71 |" in text
+    # global: block 0 loses 3 heads and 8 channels, block 1 none and 1
+    assert "| 50% | numerical global, λ=1 (paper) | 3h 8c / 3h 8c | 0h 1c / 0h 1c |" in text
+    assert "| 50% | block 1 mlp | 20 | 20 | 20 | 20 |" in text
+    assert figure.stat().st_size > 0
