@@ -64,7 +64,7 @@ def test_paired_p_value_without_spread_in_the_differences():
 def test_each_base_seed_is_its_own_cached_base_model(tmp_path):
     """The seeded tables' base models differ only in model.pretrain.seed: the cache key
     must too, or every seed would reuse the first base model."""
-    from compresslab.models.base import model_identity
+    from compresslab.base_cache import model_identity
     from conftest import compose_cfg
 
     identities = [model_identity(compose_cfg(["model=llama_tiny", f"model.pretrain.seed={s}"],
