@@ -185,7 +185,9 @@ def test_floor_times_the_forward_and_the_factorisations(method, monkeypatch):
     model = TinyLlama(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24).build(
         DataSpec("text", vocab_size=30)).eval()
     adapter = adapter_for(model)
-    stage = type("Stage", (), {"num_samples": 4, "batch_size": 2})()
+    from compresslab.compress.calibration import CalibrationSettings
+
+    stage = type("Stage", (), {"calibration": CalibrationSettings(num_samples=4, batch_size=2)})()
     factorised = []
     for name in ("svd", "cholesky"):
         real = getattr(torch.linalg, name)

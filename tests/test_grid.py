@@ -79,10 +79,10 @@ def test_numprune_cells_sweep_base_and_calibration_seeds(tmp_path):
                      ("model.pretrain.seed=1", "method.ratio=0.5"),
                      ("model.pretrain.seed=2", "method.ratio=0.3,0.5")]
     assert all("method.allocation=global" in c and "variant=numerical_global" in c
-               and "group=numprune" in c and "method.stages.prune.calib_seed=0" in c
+               and "group=numprune" in c and "method.calibration.seed=0" in c
                for c in numerical_cmds)
     assert numerical_cmds[0][-1] == ("hydra.sweep.subdir=r${method.ratio}-b"
-                                     "${model.pretrain.seed}-c${method.stages.prune.calib_seed}")
+                                     "${model.pretrain.seed}-c${method.calibration.seed}")
 
 
 def test_variants_and_row_specific_axes():

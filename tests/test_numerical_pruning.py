@@ -183,8 +183,9 @@ def _ctx(model, tmp_path):
 
 def _stage(criterion, ratio=0.3, compensate=False, allocator=None):
     stage = StructuredPruneStage(ratio, criterion, allocator or GlobalAllocation(),
-                                 OBSCompensation(0.01), compensate=compensate, num_samples=24,
-                                 batch_size=8, latency_repeats=1)
+                                 OBSCompensation(0.01), compensate=compensate,
+                                 calibration={"num_samples": 24, "batch_size": 8},
+                                 latency_repeats=1)
     stage.name = "prune"
     return stage
 
@@ -273,7 +274,7 @@ def test_bad_settings_fail_before_work(tmp_path):
     _stage(MagnitudeScore()).check(vit, vctx)       # fused qkv: described by the adapter
     with pytest.raises(ConfigError, match="seq_len crops text sequences"):
         stage = _stage(MagnitudeScore())
-        stage.seq_len = 4
+        stage.calibration.seq_len = 4
         stage.check(vit, vctx)
     # a norm over all heads' outputs would need slicing too: not described, refused
     from timm.models.vision_transformer import VisionTransformer
@@ -450,8 +451,9 @@ def test_flap_reference_order_keeps_heads_competitive_with_channels(tmp_path):
         tokens = torch.randint(0, 100, (32, 32), generator=torch.Generator().manual_seed(0))
         ctx = RunContext(cfg=OmegaConf.create({}), run_dir=tmp_path,
                          adapter=adapter_for(model), data=_Data(tokens))
-        stage = StructuredPruneStage(0.3, criterion, GlobalAllocation(), num_samples=32,
-                                     batch_size=8, latency_repeats=0)
+        stage = StructuredPruneStage(0.3, criterion, GlobalAllocation(),
+                                     calibration={"num_samples": 32, "batch_size": 8},
+                                     latency_repeats=0)
         stage.name = "prune"
         stage.run(model, ctx)
         removed[name] = 16 - sum(ctx.adapter.attention_groups(b)[0]

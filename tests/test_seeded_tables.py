@@ -8,7 +8,7 @@ from compresslab.report import SeededCell, bold_verdict, fmt_seeded, paired_p_va
 
 def record(row, base_seed, value, calib_seed=0):
     return {"cfg": {"variant": row, "model": {"pretrain": {"seed": base_seed}},
-                    "method": {"stages": {"prune": {"calib_seed": calib_seed}}}},
+                    "method": {"calibration": {"seed": calib_seed}}},
             "metrics": {"test/ppl": value}, "dir": f"{row}-{base_seed}-{calib_seed}"}
 
 

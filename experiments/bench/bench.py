@@ -225,8 +225,8 @@ def pruned(dense, bm, ratio_, align=1):
     from compresslab.stages.prune import StructuredPruneStage
 
     stage = StructuredPruneStage(ratio_, MagnitudeScore(), UniformAllocation(), None,
-                                 num_samples=4, batch_size=4, latency_repeats=0,
-                                 align_channels=align)
+                                 calibration={"num_samples": 4, "batch_size": 4},
+                                 latency_repeats=0, align_channels=align)
     done = apply(copy.deepcopy(dense), bm, {"prune": stage})
     channels = sorted({v for k, v in done.metrics.items() if "/channels_layer" in k})
     heads = sorted({v for k, v in done.metrics.items() if "/heads_layer" in k})
@@ -438,8 +438,7 @@ def cost_worker(spec: dict) -> dict:
     key, stage = cost_stage(spec["method"], spec.get("overrides", []))
     rss_start = current_rss_bytes()            # Python, torch, transformers, hydra: no model
     model = bm.build()
-    samples = max(getattr(stage, "num_samples", 0),
-                  getattr(getattr(stage, "calibration", None), "num_samples", 0), 1)
+    samples = max(getattr(getattr(stage, "calibration", None), "num_samples", 0), 1)
     data = RandomInputs(bm, samples)
     weights = param_bytes(model)
     rss_model, peak_model = current_rss_bytes(), peak_rss_bytes()

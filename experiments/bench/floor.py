@@ -38,11 +38,8 @@ def spd(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def calibration_shape(stage) -> tuple[int, int]:
-    """(samples, batch size) of the stage's calibration."""
-    calib = getattr(stage, "calibration", None)
-    if calib is not None and hasattr(calib, "num_samples"):
-        return int(calib.num_samples), int(calib.batch_size)
-    return int(stage.num_samples), int(stage.batch_size)
+    """(samples, batch size) of the stage's calibration (every calibrated stage has one)."""
+    return int(stage.calibration.num_samples), int(stage.calibration.batch_size)
 
 
 @torch.inference_mode()

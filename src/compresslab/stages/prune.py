@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresslab.compress.calibration import BlockwiseCalibration
+from compresslab.compress.calibration import BlockwiseCalibration, CalibrationSettings
 from compresslab.compress.structured_pruning import (
     Allocator,
     Compensator,
@@ -46,7 +46,7 @@ from compresslab.layers import PrunedLinear
 from compresslab.metrics.speed import median, paired_speedup, timed_in_turns
 from compresslab.models.architecture import ArchitectureAdapter
 from compresslab.models.utils import count_params, set_module
-from compresslab.stages.base import RunContext, Stage
+from compresslab.stages.base import Stage
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
 
@@ -137,8 +137,10 @@ class StructuredPruneStage(Stage):
     ``criterion`` scores structures, ``allocator`` picks which go, ``compensator``
     (null, or ``compensate=false``: none) updates o_proj/down_proj before their rows
     are deleted.
-    Calibration: ``num_samples`` training sequences (cropped to ``seq_len`` tokens
-    when set) or images in batches of ``batch_size``, drawn with ``calib_seed``. Latency: the
+    ``calibration``: the samples every calibrated stage takes
+    (:class:`~compresslab.compress.calibration.CalibrationSettings` or its options:
+    ``num_samples`` training sequences, cropped to ``seq_len`` tokens when set, or images, in
+    batches of ``batch_size``, drawn with ``seed``; default 128 in batches of 16). Latency: the
     pruned model and a copy of the dense one take turns on the first ``latency_samples``
     calibration sequences (one batch) for ``latency_repeats`` rounds; the speed-up is the
     median of the per-round ratios, as in ``make bench`` (``latency_repeats: 0``: not
@@ -149,27 +151,29 @@ class StructuredPruneStage(Stage):
 
     def __init__(self, ratio: float, criterion: Criterion, allocator: Allocator,
                  compensator: Compensator | None = None, compensate: bool = True,
-                 num_samples: int = 128,
-                 seq_len: int | None = None, batch_size: int = 16, calib_seed: int = 0,
+                 calibration: CalibrationSettings | dict | None = None,
                  latency_repeats: int = 10, latency_samples: int = 64,
                  align_channels: int = 1):
         self.ratio, self.criterion, self.allocator = ratio, criterion, allocator
         self.align_channels = align_channels
         self.compensator = compensator if compensate else None
-        self.num_samples, self.seq_len, self.batch_size = num_samples, seq_len, batch_size
-        self.calib_seed, self.latency_repeats = calib_seed, latency_repeats
-        self.latency_samples = latency_samples
+        if not isinstance(calibration, CalibrationSettings):
+            calibration = CalibrationSettings(**{"num_samples": 128, "batch_size": 16,
+                                                 **dict(calibration or {})})
+        self.calibration = calibration
+        self.latency_repeats, self.latency_samples = latency_repeats, latency_samples
 
     def check(self, model, ctx):
         if not 0 < self.ratio < 1:
             raise ConfigError(f"stage {self.name}: ratio must lie strictly between 0 and 1, "
                               f"got {self.ratio}")
+        calibration = self.calibration
         for key in ("num_samples", "batch_size"):
-            if int(getattr(self, key)) < 1:
+            if int(getattr(calibration, key)) < 1:
                 raise ConfigError(f"stage {self.name}: {key} must be at least 1")
-        if self.seq_len is not None and self.seq_len < 2:
+        if calibration.seq_len is not None and calibration.seq_len < 2:
             raise ConfigError(f"stage {self.name}: seq_len must be at least 2 (or null)")
-        if self.seq_len is not None and ctx.adapter.modality != "text":
+        if calibration.seq_len is not None and ctx.adapter.modality != "text":
             raise ConfigError(f"stage {self.name}: seq_len crops text sequences; set it to "
                               f"null for {ctx.adapter.modality} models")
         block = ctx.adapter.blocks(model)[0]
@@ -188,20 +192,15 @@ class StructuredPruneStage(Stage):
     def check_data(self, ctx):
         from compresslab.data.base import check_calibration_size
 
-        check_calibration_size(ctx.data, self.num_samples, "method.num_samples")
-
-    # -- the two passes -----------------------------------------------------------------------
-    def calibration(self, ctx: RunContext) -> list[torch.Tensor]:
-        from compresslab.data.base import calibration_batches
-
-        batches = calibration_batches(ctx.data, self.num_samples, self.batch_size,
-                                      self.calib_seed)
-        return [b[:, :self.seq_len] if self.seq_len else b for b in batches]
+        if self.calibration.data is None:
+            check_calibration_size(ctx.data, self.calibration.num_samples, "method.num_samples")
+        else:
+            self.calibration.data.check()
 
     def run(self, model, ctx):
         start = time.perf_counter()
         adapter = ctx.adapter
-        batches = self.calibration(ctx)
+        batches = self.calibration.batches(ctx.data)
         dense_params, dense_prunable = count_params(model), prunable_params(adapter, model)
         dense = copy.deepcopy(model) if self.latency_repeats else None
         layers = self._score(model, ctx, batches)
