@@ -23,6 +23,7 @@ one block's statistics. Statistics are small classes with one interface
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -256,6 +257,7 @@ def squared_gradients(model: nn.Module, adapter: ArchitectureAdapter, task, batc
 CALIBRATION_INPUTS = ("dense", "compressed")
 
 
+@dataclass
 class CalibrationSettings:
     """Which calibration samples a method sees (the same for every method by default).
 
@@ -268,10 +270,12 @@ class CalibrationSettings:
     activations of the already-compressed earlier blocks (docs/spectrum.md).
     """
 
-    def __init__(self, num_samples: int = 64, batch_size: int = 16, seq_len: int | None = None,
-                 seed: int = 0, data: Any | None = None, inputs: str = "dense"):
-        self.num_samples, self.batch_size, self.seq_len = num_samples, batch_size, seq_len
-        self.seed, self.data, self.inputs = seed, data, inputs
+    num_samples: int = 64
+    batch_size: int = 16
+    seq_len: int | None = None
+    seed: int = 0
+    data: Any | None = None
+    inputs: str = "dense"
 
     def check(self, run_data: Any) -> None:
         from compresslab.errors import ConfigError
