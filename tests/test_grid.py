@@ -162,7 +162,7 @@ def test_a_tiny_grid_end_to_end_through_the_runner_and_the_table(shared_root, tm
     text = (tmp_path / "tables" / "numprune.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 30% |"))
     assert " ± " in row and "**" not in row       # two base models; nothing to beat
-    assert "| numerical (global) | 30% | 2 |" in text
+    assert "| numerical (global, the paper's) | 30% | 2 |" in text
 
 
 def make_lines(*args: str) -> str:

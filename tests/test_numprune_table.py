@@ -43,7 +43,10 @@ def test_bold_only_where_the_lead_holds_on_every_base_model(tmp_path):
     text = render(tmp_path)
     assert "| 30% | 11 ± 1 | **21 ± 1** | 26.67 ± 1.5 |" in text
     assert "| 50% | 11 ± 1 | 47 ± 11 | 49 ± 3.6 |" in text
-    assert "- 30%: **numerical (global)** bold (numerical_global vs wanda: better on 3/3" in text
+    assert ("- 30%: **numerical (global, the paper's)** bold (numerical_global vs wanda: "
+            "better on 3/3") in text
+    assert ("- 30%, numerical (global, the paper's) against the baselines only: **numerical "
+            "(global, the paper's)** bold") in text
     assert "- 50%: no bold cell (numerical_global vs wanda: better on 2/3" in text
 
 

@@ -161,6 +161,7 @@ def plot_structures(records: list[dict], ratios: list[float], path: Path) -> Pat
             ax.axhline(ratio, color="k", ls=":", lw=1, label=f"{ratio:.0%} target")
             ax.set(title=f"{what} removed at {ratio:.0%}", xlabel="block",
                    ylabel="fraction removed", ylim=(0, 1.05))
+            ax.set_xticks(range(layers_of(records[0])))
             ax.grid(alpha=0.3, axis="y")
         axes[0][col].legend(fontsize=7)
     return save_figure(fig, path)
@@ -183,7 +184,8 @@ def report(runs: Path, ratios: list[float], base_seeds: list[int], tables: Path,
                   "\n### Conditioning of numerical pruning's solves (global, λ=1; mean over "
                   "base models)\n\n", conditioning_table(recs, ratios)]
         plot_structures(recs, ratios, figure)
-    parts.append(f"\nFigure: `{figure}`\n")
+    shown = figure.relative_to(REPO) if figure.is_relative_to(REPO) else figure
+    parts.append(f"\nFigure: `{shown}`\n")
     text = "".join(parts)
     tables.mkdir(parents=True, exist_ok=True)
     (tables / "numprune_diagnose.md").write_text(text)

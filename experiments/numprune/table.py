@@ -26,12 +26,16 @@ from compresslab.report import (
     verdict_note,
 )
 
-LABELS = {"dense": "dense", "numerical_global": "numerical (global)",
-          "numerical_per_layer": "numerical (per-layer)",
-          "numerical": "numerical", "numerical_nocomp": "numerical (no comp.)",
+LABELS = {"dense": "dense", "numerical_global": "numerical (global, the paper's)",
+          "numerical_per_layer": "numerical (per-layer, the default)",
+          "numerical": "numerical", "numerical_nocomp": "numerical (global, no comp.)",
           "numerical_lam0.01": "numerical λ=0.01", "numerical_lam100": "numerical λ=100",
           "magnitude": "magnitude-sp", "wanda": "wanda-sp", "flap": "FLAP"}
 METRIC = {"pycode": ("ppl", "perplexity"), "digit_tokens": ("bpp", "bits per pixel")}
+BASELINES = ("magnitude", "wanda", "flap")
+NUMERICAL = ("numerical_global", "numerical_per_layer")   # the paper's allocation, the default
+REPO = Path(__file__).resolve().parents[2]
+GRID = Path(__file__).with_name("grid.yaml")
 #: the latency column: only the paired speed-up (dense and pruned timed in turns in one
 #: process, median of per-round ratios: metrics/speed.py, as make bench measures)
 SPEEDUP = "prune/speedup"
@@ -66,10 +70,23 @@ def cells_of(records: list[dict], metric: str) -> dict[tuple[str, float | None],
     return seeded_cells(records, ["variant", "table_ratio"], metric)
 
 
+def table_rows(wanted: str | None) -> set[str] | None:
+    """The variants the table shows: the grid's rows that are not optional (``None``: all
+    that ran; ``wanted``: a comma-separated list)."""
+    if wanted == "all":
+        return None
+    if wanted:
+        return set(wanted.split(","))
+    from compresslab.grid import load_grid
+
+    return {r for r, spec in load_grid(GRID)["rows"].items() if not spec.get("optional")}
+
+
 def comparison(records: list[dict], split: str, metric: str
                ) -> tuple[list[str], list[list[str]], list[str]]:
     """Ratio x variant table of ``split``'s metric (mean ± std over base models, bold by
-    the bold rule among the pruned variants), and one verdict line per ratio."""
+    the bold rule among the pruned variants), and per ratio the bold rule's verdict and the
+    verdicts of numerical pruning (each allocation) against the baselines alone."""
     cells = cells_of(records, f"{split}/{metric}")
     variants = sorted({v for v, r in cells if r is not None}, key=variant_order)
     ratios = sorted({r for _, r in cells if r is not None})
@@ -83,6 +100,11 @@ def comparison(records: list[dict], split: str, metric: str
                      *[fmt_seeded(row.get(v), bold=verdict.bold and v == verdict.best)
                        if v in row else "missing" for v in variants]])
         notes.append(verdict_note(f"{ratio:.0%}", verdict, lambda v: LABELS.get(v, v)))
+        for mine in NUMERICAL:     # the headline claim: numerical against the baselines
+            if mine in row and any(b in row for b in BASELINES):
+                versus = bold_verdict({v: row[v] for v in (mine, *BASELINES) if v in row}, True)
+                notes.append(verdict_note(f"{ratio:.0%}, {LABELS[mine]} against the baselines "
+                                          "only", versus, lambda v: LABELS.get(v, v)))
     return header, rows, notes
 
 
@@ -154,8 +176,9 @@ def copy_sample_grids(settings: dict, out: Path, ratio: float) -> list[str]:
     return sorted(set(copied))
 
 
-def render(runs: Path, tables: Path, sample_ratio: float = 0.3) -> str:
-    records = collect_runs(runs)
+def render(runs: Path, tables: Path, sample_ratio: float = 0.3, rows: str | None = None) -> str:
+    shown = table_rows(rows)
+    records = [r for r in collect_runs(runs) if shown is None or lookup(r, "variant") in shown]
     if not records:
         raise SystemExit(f"error: no finished runs below {runs}")
     settings = by_setting(records)
@@ -192,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tables", default="outputs/tables")
     parser.add_argument("--sample-ratio", type=float, default=0.3,
                         help="copy the generated-sample grids of the runs at this ratio")
+    parser.add_argument("--rows", help="comma-separated variants to show, or 'all' (default: "
+                        "the grid's rows that are not optional, i.e. not the lambda ones)")
     args = parser.parse_args(argv)
-    print(render(Path(args.runs), Path(args.tables), args.sample_ratio))
+    print(render(Path(args.runs), Path(args.tables), args.sample_ratio, args.rows))
 
 
 if __name__ == "__main__":
