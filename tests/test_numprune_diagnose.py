@@ -1,13 +1,20 @@
 """experiments/numprune/diagnose.py on run folders written here: val only, structures removed
 per block, conditioning per block, the figure."""
 
+import importlib.util
 import json
-import subprocess
-import sys
 
 import yaml
 
 from conftest import REPO
+
+
+def diagnose():
+    spec = importlib.util.spec_from_file_location(
+        "numprune_diagnose", REPO / "experiments" / "numprune" / "diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_run(root, variant, ratio, base_seed, val, heads, channels):
@@ -35,11 +42,9 @@ def test_diagnosis_reads_val_only_and_counts_removed_structures(tmp_path):
         write_run(runs, "numerical_per_layer", 0.5, base, 30.0 + base, [2, 2], [5, 5])
         write_run(runs, "wanda", 0.5, base, 35.0 + base, [2, 2], [5, 5])
     figure = tmp_path / "structures.png"
-    result = subprocess.run([sys.executable, str(REPO / "experiments/numprune/diagnose.py"),
-                             "--runs", str(runs), "--ratios", "0.5", "--base-seeds", "0,1",
-                             "--tables", str(tmp_path / "tables"), "--figure", str(figure),
-                             "--no-run"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert diagnose().main(["--runs", str(runs), "--ratios", "0.5", "--base-seeds", "0,1",
+                            "--tables", str(tmp_path / "tables"), "--figure", str(figure),
+                            "--no-run"]) == 0
     text = (tmp_path / "tables" / "numprune_diagnose.md").read_text()
     assert "1e+09" not in text and "1.000e+09" not in text
     assert "| 50% | - | 40.5 ± 0.71 | - | **30.5 ± 0.71** | 35.5 ± 0.71 |" in text

@@ -1,13 +1,23 @@
 """The numerical pruning table script on run folders written here: mean ± std over base
 models, the bold rule per ratio, and a latency column that shows only paired speed-ups."""
 
+import importlib.util
 import json
-import subprocess
-import sys
 
 import yaml
 
 from conftest import REPO
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"numprune_{name}", REPO / "experiments" / "numprune" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+table = script("table")
 
 
 def write_run(root, variant, ratio, base_seed, metrics):
@@ -22,11 +32,9 @@ def write_run(root, variant, ratio, base_seed, metrics):
 
 
 def render(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "experiments/numprune/table.py"),
-                             "--runs", str(tmp_path / "runs"), "--tables",
-                             str(tmp_path / "tables")], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return (tmp_path / "tables" / "numprune.md").read_text()
+    text = table.render(tmp_path / "runs", tmp_path / "tables")
+    assert text == (tmp_path / "tables" / "numprune.md").read_text()
+    return text
 
 
 def test_bold_only_where_the_lead_holds_on_every_base_model(tmp_path):
