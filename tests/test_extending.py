@@ -8,11 +8,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import compresslab
 from compresslab.layers import LowRankLinear
-from conftest import QUIET, REPO, TINY_LLAMA
+from conftest import QUIET, REPO, TINY_LLAMA, compose_cfg
 
 STAGE = '''
 """Toy method: every attention/MLP linear factorised at half its full rank."""
@@ -89,10 +90,15 @@ def test_a_toy_method_is_one_folder_and_one_config(tmp_path, shared_root):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_toy_methods_bad_setting_is_refused_before_work(tmp_path, shared_root):
+def test_a_toy_methods_bad_setting_is_refused_before_work(tmp_path, shared_root, monkeypatch):
+    from compresslab.errors import ConfigError
+    from compresslab.pipeline import run
+
     add_toy_method(tmp_path)
-    done = run_toy(tmp_path, shared_root, "method.fraction=2")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == \
-        "error: compress: fraction must be in (0, 1), got 2"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_cfg(["method=half_rank", "method.fraction=2", *TINY_LLAMA,
+                       f"hydra.searchpath=[file://{tmp_path / 'configs'}]"],
+                      shared_root, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^compress: fraction must be in \(0, 1\), got 2$"):
+        run(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
