@@ -82,7 +82,7 @@ def compress_model(model: nn.Module, stages: Mapping[str, Stage] | Sequence[Stag
     still give the same result; ``after_stage(index, stage, model)`` runs after each
     (the pipeline saves the stage there). ``check``: each stage's :meth:`Stage.check`
     first (the pipeline already checked them on a weightless skeleton)."""
-    stages = named_stages(stages) if isinstance(stages, Mapping) else list(stages)
+    stages = named_stages(stages)
     ctx = ctx if ctx is not None else context(model, data)
     if check:
         for stage in stages[start:]:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from compresslab import choices, interrupt, resume, runlock, sharding, tracking
-from compresslab.api import compress_model
+from compresslab.api import compress_model, named_stages
 from compresslab.base_cache import build_base_model, needs_pretraining
 from compresslab.checkpoints import save_compressed
 from compresslab.compress.ratio import check_ratio
@@ -47,7 +47,6 @@ from compresslab.metrics.cost import CompressionCost
 from compresslab.models.architecture import ModelSource, adapter_for
 from compresslab.models.utils import count_params
 from compresslab.options import check_top_level
-from compresslab.run_folder import stage_key
 from compresslab.stages.base import RunContext, Stage
 from compresslab.stages.modules import EvalModule
 from compresslab.threads import run_threads
@@ -56,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 def build_stages(cfg: DictConfig) -> list[Stage]:
-    stages = []
+    stages = {}
     for name, stage_cfg in (cfg.method.get("stages") or {}).items():
         if stage_cfg is None:  # a stage switched off with method.stages.<name>=null
             continue
@@ -66,9 +65,8 @@ def build_stages(cfg: DictConfig) -> list[Stage]:
             raise ConfigError(f"method.stages.{name}: {instantiation_reason(exc)}") from None
         if not isinstance(stage, Stage):
             raise ConfigError(f"method.stages.{name} is not a Stage ({type(stage).__name__})")
-        stage.name, stage.key = name, stage_key(len(stages), name)
-        stages.append(stage)
-    return stages
+        stages[name] = stage
+    return named_stages(stages)
 
 
 def instantiation_reason(exc: Exception) -> str:

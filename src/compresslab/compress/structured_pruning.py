@@ -347,17 +347,26 @@ class Compensator:
         return {}
 
 
+def obs_matrix(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``G = 2 X^T X + gamma I`` with ``gamma = damping * mean diag(2 X^T X)`` (float64; a new
+    matrix, ``gram`` unchanged)."""
+    g = 2 * gram.double()
+    g.diagonal().add_(damping * g.diagonal().mean().clamp_min(1e-30))  # no n x n identity
+    return g
+
+
 def obs_update(weight: torch.Tensor, gram: torch.Tensor, pruned: torch.Tensor,
-               damping: float, repairs: RepairLog | None = None) -> torch.Tensor:
+               damping: float, repairs: RepairLog | None = None,
+               g: torch.Tensor | None = None) -> torch.Tensor:
     """Group-OBS row removal: ``W + dW*`` with ``dW* = -G^{-1} M (M^T G^{-1} M)^{-1} M^T W``,
     ``G = 2 X^T X + gamma I``, ``gamma = damping * mean diag(2 X^T X)``.
 
     ``weight``: out x in (an ``nn.Linear`` weight); returns the updated weight, whose
     pruned input columns are zero. A singular ``G`` (``damping`` 0 with fewer tokens than
     inputs, dead channels) is repaired by
-    :func:`~compresslab.compress.linalg.cholesky_with_repair` and counted in ``repairs``."""
-    g = 2 * gram.double()                                    # a new matrix: gram unchanged
-    g.diagonal().add_(damping * g.diagonal().mean().clamp_min(1e-30))  # no n x n identity
+    :func:`~compresslab.compress.linalg.cholesky_with_repair` and counted in ``repairs``.
+    ``g``: :func:`obs_matrix` of ``gram`` when the caller has it already."""
+    g = obs_matrix(gram, damping) if g is None else g
     w = weight.double().T                                    # D x D'
     ginv = spd_inverse(g, what="2 X^T X + gamma I", repairs=repairs)
     cols = ginv[:, pruned]                                   # G^{-1} M
@@ -382,11 +391,10 @@ class OBSCompensation(Compensator):
 
     def __call__(self, linear, inputs, pruned):
         if len(pruned):
-            g = 2 * inputs.gram.double()       # the G of obs_update, damped as there
-            g.diagonal().add_(self.damping * g.diagonal().mean().clamp_min(1e-30))
+            g = obs_matrix(inputs.gram, self.damping)
             self.last_conditioning = conditioning(g)
             linear.weight.data.copy_(obs_update(linear.weight.data, inputs.gram, pruned,
-                                                self.damping, self.repairs))
+                                                self.damping, self.repairs, g))
 
     def report(self):
         return self.repairs.report()

@@ -6,6 +6,7 @@ so the adapted layer equals the original at initialisation whatever the SVD's
 accuracy. ``init="zero"``: the residual is W and the delta starts at zero (A_k
 random, B_k zero, as LoKr/LoRA do).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,4 +90,3 @@ class KroneckerAdapterLinear(SavedForm, nn.Module):
     def from_plan(cls, entry: dict[str, Any], dtype: torch.dtype) -> KroneckerAdapterLinear:
         return cls(entry["in_features"], entry["out_features"], KronShape(*entry["shape"]),
                    entry["terms"], bias=entry["bias"], dtype=dtype)
-

@@ -42,7 +42,6 @@ def parse_dtype(name: str) -> torch.dtype:
 class ModelSource:
     """Builds one architecture's model for a dataset (see the module docstring)."""
 
-
     modality: ClassVar[str]
     #: True when the weights are read from a local file rather than trained here
     loads_weights: ClassVar[bool] = False

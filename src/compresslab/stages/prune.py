@@ -167,13 +167,8 @@ class StructuredPruneStage(Stage):
         if not 0 < self.ratio < 1:
             raise ConfigError(f"stage {self.name}: ratio must lie strictly between 0 and 1, "
                               f"got {self.ratio}")
-        calibration = self.calibration
-        for key in ("num_samples", "batch_size"):
-            if int(getattr(calibration, key)) < 1:
-                raise ConfigError(f"stage {self.name}: {key} must be at least 1")
-        if calibration.seq_len is not None and calibration.seq_len < 2:
-            raise ConfigError(f"stage {self.name}: seq_len must be at least 2 (or null)")
-        if calibration.seq_len is not None and ctx.adapter.modality != "text":
+        self.calibration.check(ctx.data)   # the checks every calibrated stage shares
+        if self.calibration.seq_len is not None and ctx.adapter.modality != "text":
             raise ConfigError(f"stage {self.name}: seq_len crops text sequences; set it to "
                               f"null for {ctx.adapter.modality} models")
         block = ctx.adapter.blocks(model)[0]
@@ -192,10 +187,8 @@ class StructuredPruneStage(Stage):
     def check_data(self, ctx):
         from compresslab.data.base import check_calibration_size
 
-        if self.calibration.data is None:
+        if self.calibration.data is None:   # (another dataset was checked with the settings)
             check_calibration_size(ctx.data, self.calibration.num_samples, "method.num_samples")
-        else:
-            self.calibration.data.check()
 
     def run(self, model, ctx):
         start = time.perf_counter()
