@@ -74,6 +74,9 @@ def test_quick_leaderboard_table(board):
     assert float(cells[8]) == pytest.approx(speed["llama_tiny"]["svd@0.3"]["throughput_speedup"],
                                             rel=1e-2)
     assert re.search(r"\| wanda_prune \| pruning \| 30% \|", text)
+    wanda = json.loads((out / "runs/llama_tiny/wanda_prune/r0.3/metrics.json").read_text())
+    best = "svd" if svd["test/ppl"] <= wanda["test/ppl"] else "wanda_prune"
+    assert re.search(rf"\| 30% \| {best} \(", text)   # the best row at the budget, under the table
     assert "vit_tiny / digits: quality = test accuracy" in text
 
 
@@ -110,6 +113,30 @@ def test_pareto_front():
     assert table.pareto_front(points, higher_better=False) == [(0.9, 9.0), (1.0, 10.0),
                                                                (1.2, 11.0)]
     assert table.pareto_front(points, higher_better=True) == [(1.1, 13.0), (1.2, 12.0)]
+
+
+def test_best_rows_and_what_the_training_bought():
+    """The answers under each table, on hand-made runs: the best per budget overall and per
+    family (a tie goes to the faster row and is counted), and each trained row against its
+    `untrained` twin with the relative change in quality."""
+    plan = {"rows": {"svd": {"family": "low-rank"}, "svd_llm": {"family": "low-rank"},
+                     "ft": {"family": "low-rank", "untrained": "svd_llm"},
+                     "wanda": {"family": "pruning"}}}
+    ppl = {("svd", 0.3): 40.0, ("svd_llm", 0.3): 38.0, ("ft", 0.3): 38.0, ("wanda", 0.3): 45.0,
+           ("svd_llm", 0.5): 50.0, ("ft", 0.5): 45.0, ("wanda", 0.5): 44.0, ("dense", None): 30.0}
+    runs = {key: {"metrics": {"test/ppl": q}} for key, q in ppl.items()}
+    speed = {"svd_llm@0.3": {"throughput_speedup": 1.1}, "ft@0.3": {"throughput_speedup": 1.2},
+             "wanda@0.5": {"throughput_speedup": 1.5}}
+    best, families = table.best_rows(runs, speed, plan, "test/ppl", higher=False)
+    assert families == ["low-rank", "pruning"]
+    assert best == [["30%", "ft (38, 1.2x; 1 tied)", "ft (38, 1.2x; 1 tied)",
+                     "wanda (45, not timed)"],
+                    ["50%", "wanda (44, 1.5x)", "ft (45, not timed)", "wanda (44, 1.5x)"]]
+    gains = table.training_gains(runs, plan, "test/ppl", higher=False)
+    assert gains == [["ft", "30%", "38", "svd_llm", "38", "+0.0%"],
+                     ["ft", "50%", "45", "svd_llm", "50", "+10.0%"]]
+    acc = {key: {"metrics": {"test/acc": 1 / q}} for key, q in ppl.items()}
+    assert table.training_gains(acc, plan, "test/acc", higher=True)[1][-1] == "+11.1%"
 
 
 def test_compression_cost_sees_an_allocation():

@@ -1,6 +1,7 @@
 """The spectrum table script on run folders written here: val beside test, the parameter
 budget of every row, the calibration inputs of every row."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def test_table_shows_val_budget_and_calibration_inputs(tmp_path):
                     "| 0.4 | 0.41 | 0.41 | 0.415 |",        # achieved ratio
                     "| 0.4 | 1200 | 1200 | 1190 |"], rows  # parameters kept
     assert "svd -, svd_llm dense, spectrum compressed" in text
+    # the order check says which way spectrum differs (no asvd/svd_llm_ft rows: incomplete)
+    assert "- ratio 0.4: incomplete" in text
 
 
 def test_val_checks_table_lists_val_beside_test(tmp_path):
@@ -65,3 +68,15 @@ def test_val_checks_table_lists_val_beside_test(tmp_path):
     # finished runs are not run again (re-running resumes a sweep)
     val_checks.run_all(tmp_path / "none", [], [])
     assert len(val_checks.VARIANTS) == 4
+
+
+def test_order_check_words_the_direction():
+    spec = importlib.util.spec_from_file_location("spectrum_table",
+                                                  REPO / "experiments/spectrum/table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    ppl = {("svd", 0.4): 30.0, ("asvd", 0.4): 25.0, ("svd_llm", 0.4): 20.0,
+           ("svd_llm_ft", 0.4): 16.0, ("spectrum", 0.4): 18.0}
+    assert table.order_checks(ppl, [0.4]) == [
+        "- ratio 0.4: svd_llm < asvd < svd: yes; spectrum <= svd_llm: yes (spectrum's ppl "
+        "10.0% below svd_llm's); 12.5% above svd_llm_ft's"]

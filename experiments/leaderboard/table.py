@@ -7,8 +7,10 @@ are timed in turns in this process with the bench's method (latency: batch 1; th
 a batch of 8 sequences / 256 images; speed-up: median over rounds of the per-round ratio
 dense / compressed; models randomly initialised where the run saved none, speed depends on
 shapes only). Timings are kept in ``<runs>/speed.json`` (``--retime`` measures again).
-Writes ``<tables>/leaderboard[_quick].md`` and ``.png`` (quality against measured
-throughput speed-up, one marker per method, one line per family: its Pareto front).
+Writes ``<tables>/leaderboard[_quick].md`` (per setting: every row, then the best row per
+budget overall and per family, and what the training bought: each row that trains against
+its row without training, the grid's ``untrained`` key) and ``.png`` (quality against
+measured throughput speed-up, one marker per method, one line per family: its Pareto front).
 Rows that did not run are reported as missing, not invented.
 """
 
@@ -140,6 +142,74 @@ def cost_cells(m: dict, dense: bool) -> list[str]:
             f"(+{m.get('cost/peak_rss_increase_bytes', 0) / MiB:.0f})"]
 
 
+# -- the answers: best per budget, what the training bought --------------------------------------
+
+def best_rows(runs: dict, speed: dict, plan: dict, quality_key: str,
+              higher: bool) -> tuple[list[list], list[str]]:
+    """Per budget: the best row overall and the best of each family, by quality (ties: the
+    faster one, and how many tie), each with its quality and throughput speed-up; and the
+    families."""
+    family = {row: plan["rows"].get(row, {}).get("family", "?") for row, _ in runs}
+    families = sorted({family[row] for row, b in runs if b is not None})
+    out = []
+    for budget in sorted({b for _, b in runs if b is not None}):
+        here = {row: (rec["metrics"][quality_key],
+                      speed.get(f"{row}@{budget}", {}).get("throughput_speedup", 0.0))
+                for (row, b), rec in runs.items()
+                if b == budget and rec["metrics"].get(quality_key) is not None}
+        out.append([f"{budget:.0%}", *(
+            best_cell({r: v for r, v in here.items() if fam is None or family[r] == fam}, higher)
+            for fam in [None, *families])])
+    return out, families
+
+
+def best_cell(pool: dict[str, tuple[float, float]], higher: bool) -> str:
+    """``row (quality, speed-up[; n tied])`` of the best of ``pool`` (row -> (quality,
+    speed-up)); ties on quality go to the faster row."""
+    if not pool:
+        return "-"
+    def rank(row: str) -> tuple[float, float]:
+        quality, speedup = pool[row]
+        return (quality if higher else -quality), speedup
+
+    best = max(pool, key=rank)
+    quality, speedup = pool[best]
+    tied = sum(rank(row)[0] == rank(best)[0] for row in pool) - 1
+    timed = f"{fmt(speedup, 3)}x" if speedup else "not timed"
+    return f"{best} ({fmt(quality)}, {timed}{f'; {tied} tied' if tied else ''})"
+
+
+def training_gains(runs: dict, plan: dict, quality_key: str, higher: bool) -> list[list]:
+    """Every row that trains against its row without training (grid key ``untrained``) at
+    each budget: both qualities and the relative change (positive: the training helped)."""
+    out = []
+    for (row, budget), rec in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        twin = plan["rows"].get(row, {}).get("untrained")
+        if budget is None or twin is None or (twin, budget) not in runs:
+            continue
+        q, q0 = rec["metrics"].get(quality_key), runs[(twin, budget)]["metrics"].get(quality_key)
+        if q is None or q0 is None:
+            continue
+        gain = (q - q0) / q0 if higher else (q0 - q) / q0
+        out.append([row, f"{budget:.0%}", fmt(q), twin, fmt(q0), f"{gain:+.1%}"])
+    return out
+
+
+def answers(runs: dict, speed: dict, plan: dict, quality_key: str, higher: bool) -> list[str]:
+    best, families = best_rows(runs, speed, plan, quality_key, higher)
+    parts = []
+    if best:
+        parts += ["\nBest at each budget (quality, throughput speed-up):\n\n",
+                  markdown_table(["budget", "best", *(f"best {f}" for f in families)], best)]
+    gains = training_gains(runs, plan, quality_key, higher)
+    if gains:
+        parts += ["\nWhat the training bought (same budget, the row without training beside "
+                  "it; change: relative quality, positive = better):\n\n",
+                  markdown_table(["row (trains)", "budget", "quality", "without training",
+                                  "quality", "change"], gains)]
+    return parts
+
+
 def missing_runs(runs: dict, plan: dict, setting: str) -> list[str]:
     return [f"{row} r{b}" for row in plan["settings"][setting]["rows"]
             for b in plan["budgets"] if (row, float(b)) not in runs]
@@ -233,7 +303,8 @@ def render(runs_dir: Path, tables: Path, quick: bool, retime: bool = False,
         key, label, higher = QUALITY.get(dataset, ("test/loss", "test loss", False))
         parts += [f"\n## {name} / {dataset}: quality = {label} "
                   f"({'higher' if higher else 'lower'} is better)\n\n",
-                  markdown_table(HEADER, table_rows(runs, speed.get(name, {}), plan, key))]
+                  markdown_table(HEADER, table_rows(runs, speed.get(name, {}), plan, key)),
+                  *answers(runs, speed.get(name, {}), plan, key, higher)]
         if name in plan["settings"]:
             gone = missing_runs(runs, plan, name)
             parts.append(f"\nMissing runs: {', '.join(gone) if gone else 'none'}\n")

@@ -93,6 +93,12 @@ def model_label(model_cfg: dict) -> str:
     return f"{name} {size[0]}x{size[1]}" if all(size) else name
 
 
+def relative(value: float, reference: float) -> str:
+    """``value`` against ``reference`` in words: '2.6% above', '0.8% below'."""
+    change = (value - reference) / reference
+    return f"{100 * abs(change):.1f}% {'above' if change > 0 else 'below'}"
+
+
 def order_checks(ppl: dict, ratios: list[float]) -> list[str]:
     """One line per ratio: does svd_llm < asvd < svd and spectrum <= svd_llm hold?"""
     lines = []
@@ -103,13 +109,11 @@ def order_checks(ppl: dict, ratios: list[float]) -> list[str]:
             continue
         first = v["svd_llm"] < v["asvd"] < v["svd"]
         second = v["spectrum"] <= v["svd_llm"]
-        margin = (v["svd_llm"] - v["spectrum"]) / v["svd_llm"]
         line = (f"- ratio {r}: svd_llm < asvd < svd: {'yes' if first else 'NO'}; "
                 f"spectrum <= svd_llm: {'yes' if second else 'NO'} "
-                f"(spectrum vs svd_llm: {100 * margin:+.1f}% lower ppl)")
+                f"(spectrum's ppl {relative(v['spectrum'], v['svd_llm'])} svd_llm's)")
         if v["svd_llm_ft"] is not None:
-            trained = (v["svd_llm_ft"] - v["spectrum"]) / v["svd_llm_ft"]
-            line += f"; vs svd_llm_ft: {100 * trained:+.1f}% lower ppl"
+            line += f"; {relative(v['spectrum'], v['svd_llm_ft'])} svd_llm_ft's"
         lines.append(line)
     return lines
 
