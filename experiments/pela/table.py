@@ -1,8 +1,8 @@
 """PELA ablation table: rows dense | LRA | LRA+fine-tune | LRA+FD | LRA+FD+WPR per model and
 ratio; columns parameters, val and test accuracy or perplexity after the downstream
-fine-tuning (mean ±
-std over seeds), training time, and the same metric before any training and after the
-intermediate stage.
+fine-tuning (mean ± std over base models), training time, and the same metric before any
+training (val and test: the table's ratios are chosen on val) and after the intermediate
+stage (test).
 
     python experiments/pela/table.py --runs outputs/pela_runs/<stamp>
 
@@ -72,8 +72,8 @@ def models_of(records: list[dict]) -> set[tuple[str, str]]:
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
-    stage_metrics = [f"{stage}/test_{m}" for stage in ("after_decompose", "after_pretrain")
-                     for m in ("acc", "ppl")]
+    stage_metrics = [f"{stage}/{split}_{m}" for stage in ("after_decompose", "after_pretrain")
+                     for split in ("val", "test") for m in ("acc", "ppl")]
     groups = aggregate(records, ["model.name", "dataset.name", "row", "method.ratio"],
                        ["params/compressed", "val/acc", "val/ppl", "test/acc", "test/ppl",
                         "train/time_s",
@@ -84,7 +84,8 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
     header = ["model / data", "ratio", "row", "runs", "base models", "parameters",
               "val acc or ppl",
               "test acc or ppl",
-              "train time (s)", "before training", "after intermediate"]
+              "train time (s)", "before training (val)", "before training (test)",
+              "after intermediate (test)"]
     rows, curves = [], {}
     settings = sorted({(g["model.name"], g["dataset.name"]) for g in groups}, reverse=True)
     for model, dataset in settings:
@@ -106,6 +107,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]], dict]:
                              test.n if test else 0, fmt_count(g["params/compressed"]),
                              fmt_seeded(val_cells.get(key)), fmt_seeded(test, is_bold),
                              fmt_mean_std(g["train/time_s"], 3),
+                             fmt_mean_std(g[f"after_decompose/val_{name}"]),
                              fmt_mean_std(g[f"after_decompose/test_{name}"]),
                              fmt_mean_std(g[f"after_pretrain/test_{name}"])])
                 if dataset == "digits" and g[metric] is not None:
