@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,17 @@ TINY_LLAMA = ["model=llama_tiny", "dataset=pycode", "model.source.hidden_size=64
 TINY_VIT = ["model=vit_tiny", "dataset=digits", "model.source.depth=2",
             "model.pretrain.max_steps=60"]
 QUIET = ["logger=none", "progress=false", "print_table=false"]
+
+
+def load_script(path: str, name: str):
+    """A script of the repository (``path`` relative to it, e.g.
+    ``experiments/spectrum/table.py``) imported as the module ``name``; registered in
+    ``sys.modules`` because dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_cfg(overrides: list[str], root: Path, run_dir: Path | None = None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -21,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, TINY_LLAMA, run_cli
+from conftest import REPO, TINY_LLAMA, load_script, run_cli
 
 SMALL_LLAMA = [a for a in TINY_LLAMA if a.startswith("model.")]   # model size only
 ROOT = "{root}"          # placeholders filled per case
@@ -216,9 +215,7 @@ TABLE = {
 @pytest.fixture(scope="module")
 def run_py():
     """``run.py`` as a module; its Hydra main finds ``configs/`` next to it."""
-    spec = importlib.util.spec_from_file_location("compresslab_run_script", REPO / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("run.py", "compresslab_run_script")
     module.main.__wrapped__.__module__ = "__main__"   # Hydra: config path beside run.py
     return module
 

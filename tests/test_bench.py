@@ -1,9 +1,7 @@
 """The benchmark's pure helpers: FLOP counts against hand counts, medians and paired
 ratios, interleaving order, activation memory, and the bench table (no timed assertions)."""
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from compresslab.metrics.speed import (
     ratio,
 )
 from compresslab.models.llama import TinyLlama
-from conftest import REPO
+from conftest import load_script
 
 
 def test_flops_of_linears_match_the_hand_count():
@@ -102,11 +100,7 @@ def test_tensor_memory_counts_activations_not_weights():
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "experiments/bench/bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/bench/bench.py", "bench")
 
 
 def test_bench_table_renders_ratios(tmp_path):

@@ -3,7 +3,6 @@ Pareto front, and the compression-cost metrics every run records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -11,17 +10,13 @@ import numpy as np
 import pytest
 
 from compresslab.grid import load_grid, run_grid
-from conftest import REPO, TINY_LLAMA, TINY_VIT, compose_cfg
+from conftest import REPO, TINY_LLAMA, TINY_VIT, compose_cfg, load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script(name: str):
-    path = REPO / "experiments" / "leaderboard" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"leaderboard_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/leaderboard/{name}.py", f"leaderboard_{name}")
 
 
 table = script("table")

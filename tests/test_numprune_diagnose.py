@@ -1,20 +1,15 @@
 """experiments/numprune/diagnose.py on run folders written here: val only, structures removed
 per block, conditioning per block, the figure."""
 
-import importlib.util
 import json
 
 import yaml
 
-from conftest import REPO
+from conftest import load_script
 
 
 def diagnose():
-    spec = importlib.util.spec_from_file_location(
-        "numprune_diagnose", REPO / "experiments" / "numprune" / "diagnose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/numprune/diagnose.py", "numprune_diagnose")
 
 
 def write_run(root, variant, ratio, base_seed, val, heads, channels):

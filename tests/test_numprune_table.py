@@ -1,20 +1,15 @@
 """The numerical pruning table script on run folders written here: mean ± std over base
 models, the bold rule per ratio, and a latency column that shows only paired speed-ups."""
 
-import importlib.util
 import json
 
 import yaml
 
-from conftest import REPO
+from conftest import load_script
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"numprune_{name}", REPO / "experiments" / "numprune" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/numprune/{name}.py", f"numprune_{name}")
 
 
 table = script("table")

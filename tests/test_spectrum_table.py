@@ -1,14 +1,13 @@
 """The spectrum table script on run folders written here: val beside test, the parameter
 budget of every row, the calibration inputs of every row."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def write_run(root, method, ratio, metrics, inputs=None):
@@ -49,11 +48,7 @@ def test_table_shows_val_budget_and_calibration_inputs(tmp_path):
 
 
 def test_val_checks_table_lists_val_beside_test(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments" / "spectrum"))
-    try:
-        import val_checks
-    finally:
-        sys.path.pop(0)
+    val_checks = load_script("experiments/spectrum/val_checks.py", "spectrum_val_checks")
     for variant, ratio, val, test in (("svd_llm-dense", 0.8, 2.0, 3.0),
                                       ("spectrum-soft", 0.6, 1.5, 1.25)):
         run = tmp_path / f"{variant}-r{ratio}"
@@ -71,10 +66,7 @@ def test_val_checks_table_lists_val_beside_test(tmp_path):
 
 
 def test_order_check_words_the_direction():
-    spec = importlib.util.spec_from_file_location("spectrum_table",
-                                                  REPO / "experiments/spectrum/table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script("experiments/spectrum/table.py", "spectrum_table")
     ppl = {("svd", 0.4): 30.0, ("asvd", 0.4): 25.0, ("svd_llm", 0.4): 20.0,
            ("svd_llm_ft", 0.4): 16.0, ("spectrum", 0.4): 18.0}
     assert table.order_checks(ppl, [0.4]) == [
