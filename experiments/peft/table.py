@@ -16,7 +16,8 @@ from pathlib import Path
 from compresslab.report import aggregate, collect_runs, fmt, fmt_mean_std, line_plot, lookup
 
 ORDER = ["lora_r1", "lora_r2", "lora_r4", "pissa_r1", "pissa_r2", "pissa_r4", "lokr",
-         "soka_tau0.1", "soka_tau0.5", "soka_tau0.9"]
+         "soka_tau0.1", "soka_tau0.5", "soka_tau0.9",
+         "soka_zero_init", "soka_energy"]
 METRICS = ["trainable/params", "val/exact_match", "test/exact_match", "finetune/steps_to_target",
            "finetune/target_reached", "finetune/grad_norm_var", "finetune/grad_norm_mean"]
 HEADER = ["row", "seeds", "trainable params", "val exact match", "test exact match",
