@@ -60,9 +60,19 @@ def selected(records: list[dict], ratios: list[float], base_seeds: list[int]) ->
             and lookup(r, "model.pretrain.seed", 0) in base_seeds]
 
 
+#: the val metric of each kind of setting: perplexity (text) or bits per pixel (images)
+VAL_METRICS = {"val/ppl": "val perplexity", "val/bpp": "val bits per pixel"}
+
+
+def val_metric(records: list[dict]) -> str:
+    """The val metric these runs logged (the first of VAL_METRICS that any run has)."""
+    return next((key for key in VAL_METRICS if any(key in r["metrics"] for r in records)),
+                "val/ppl")
+
+
 def val_table(records: list[dict], ratios: list[float]) -> str:
-    """Val perplexity per variant and ratio (mean ± std over base models), bold rule."""
-    cells = seeded_cells(records, ["variant", "method.ratio"], "val/ppl")
+    """Val perplexity (or bpp) per variant and ratio (mean ± std over base models), bold rule."""
+    cells = seeded_cells(records, ["variant", "method.ratio"], val_metric(records))
     rows, notes = [], []
     for ratio in ratios:
         row = {v: cells[(v, ratio)] for v in VARIANTS if (v, ratio) in cells}
@@ -167,25 +177,36 @@ def plot_structures(records: list[dict], ratios: list[float], path: Path) -> Pat
     return save_figure(fig, path)
 
 
+def setting_of(rec: dict, runs: Path) -> str:
+    """The grid setting of a run: the first folder below the grid's folder."""
+    return Path(rec["dir"]).resolve().relative_to(runs.resolve()).parts[0]
+
+
 def report(runs: Path, ratios: list[float], base_seeds: list[int], tables: Path,
-           figure: Path) -> str:
+           figure: Path, settings: list[str] | None = None) -> str:
+    """The diagnosis of ``settings`` (default: every setting with runs); one figure each,
+    ``figure`` itself for the first and ``<stem>_<setting>`` for the others."""
     records = selected(collect_runs(runs), ratios, base_seeds)
-    if not records:
+    found = sorted({setting_of(r, runs) for r in records})
+    settings = [s for s in (settings or found) if s in found]
+    if not settings:
         raise SystemExit(f"error: no finished diagnosis runs below {runs}")
-    settings = sorted({(lookup(r, "model.name"), lookup(r, "dataset.name")) for r in records})
     parts = ["# Numerical pruning at 30-50 %: diagnosis (validation split only)\n\n",
              f"Runs: `{runs}`; base models {', '.join(map(str, base_seeds))}. {BOLD_RULE}\n"]
-    for model, dataset in settings:
-        recs = [r for r in records if lookup(r, "model.name") == model
-                and lookup(r, "dataset.name") == dataset]
-        parts += [f"\n## {model} / {dataset}: val perplexity\n\n", val_table(recs, ratios),
+    figures = []
+    for index, setting in enumerate(settings):
+        recs = [r for r in records if setting_of(r, runs) == setting]
+        model, dataset = lookup(recs[0], "model.name"), lookup(recs[0], "dataset.name")
+        title = VAL_METRICS.get(val_metric(recs), val_metric(recs))
+        parts += [f"\n## {model} / {dataset}: {title}\n\n", val_table(recs, ratios),
                   "\n### Structures removed per block (heads h, MLP channels c; one entry per "
                   "base model, separated by /)\n\n", structures_table(recs, ratios),
                   "\n### Conditioning of numerical pruning's solves (global, λ=1; mean over "
                   "base models)\n\n", conditioning_table(recs, ratios)]
-        plot_structures(recs, ratios, figure)
-    shown = figure.relative_to(REPO) if figure.is_relative_to(REPO) else figure
-    parts.append(f"\nFigure: `{shown}`\n")
+        path = figure if index == 0 else figure.with_stem(f"{figure.stem}_{setting}")
+        figures.append(plot_structures(recs, ratios, path))
+    shown = [f"`{p.relative_to(REPO) if p.is_relative_to(REPO) else p}`" for p in figures]
+    parts.append(f"\nFigure{'s' if len(shown) > 1 else ''}: {', '.join(shown)}\n")
     text = "".join(parts)
     tables.mkdir(parents=True, exist_ok=True)
     (tables / "numprune_diagnose.md").write_text(text)
@@ -212,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             print("error: some diagnosis runs failed:\n  " + "\n  ".join(failed),
                   file=sys.stderr)
-    print(report(Path(args.runs), ratios, seeds, Path(args.tables), Path(args.figure)))
+    print(report(Path(args.runs), ratios, seeds, Path(args.tables), Path(args.figure),
+                 args.settings.split(",")))
     return 0
 
 
