@@ -60,7 +60,7 @@ def test_diagnosis_reports_the_settings_asked_for_with_their_own_metric(tmp_path
     args = ["--runs", str(runs), "--ratios", "0.5", "--base-seeds", "0,1",
             "--tables", str(tmp_path / "tables"), "--figure", str(tmp_path / "s.png"),
             "--no-run"]
-    diagnose().main(args)                               # default: llama_tiny only
+    diagnose().main([*args, "--settings", "llama_tiny"])
     text = (tmp_path / "tables" / "numprune_diagnose.md").read_text()
     assert "ar_image" not in text and "## llama_tiny / pycode: val perplexity" in text
     diagnose().main([*args, "--settings", "ar_image,llama_tiny"])

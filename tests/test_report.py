@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from compresslab.report import aggregate, collect_runs, fmt_mean_std, markdown_table, mean_std
+from compresslab.report import aggregate, collect_runs, fmt, fmt_mean_std, markdown_table, mean_std
 
 
 def _fake_run(folder, method, seed, acc):
@@ -28,3 +28,9 @@ def test_collect_and_aggregate_over_seeds(tmp_path):
     assert mean_std([2.0]) == (2.0, 0.0)
     table = markdown_table(["method", "acc"], [["svd", fmt_mean_std(rows[0]["test/acc"])]])
     assert table.splitlines()[2] == "| svd | 0.6 ± 0.14 |"
+
+
+def test_fmt_keeps_the_asked_significant_digits_in_both_notations():
+    assert fmt(228012.3, 3) == "2.28e+05" and fmt(12345.6, 3) == "1.23e+04"
+    assert fmt(0.00095034, 3) == "9.50e-04" and fmt(0.0037, 3) == "0.0037"
+    assert fmt(228012.3) == "2.280e+05" and fmt(3) == "3"

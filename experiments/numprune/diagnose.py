@@ -2,7 +2,7 @@
 its solves are, and what lambda and the allocation do — on the validation split only.
 
     python experiments/numprune/diagnose.py --runs outputs/numprune_runs/main \\
-        [--settings llama_tiny] [--ratios 0.3,0.5] [--base-seeds 0,1,2] [--no-run]
+        [--settings llama_tiny,ar_image] [--ratios 0.3,0.5] [--base-seeds 0,1,2] [--no-run]
 
 Runs (through the grid runner, into the numprune table's folder: cells it already has are
 reused) numerical pruning with the paper's global allocation at lambda 0.01, 1 and 100,
@@ -216,7 +216,8 @@ def report(runs: Path, ratios: list[float], base_seeds: list[int], tables: Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True, help="the numprune grid's folder")
-    parser.add_argument("--settings", default="llama_tiny", help="grid settings")
+    parser.add_argument("--settings", default="llama_tiny,ar_image",
+                        help="grid settings, comma-separated")
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--base-seeds", default="0,1,2")
     parser.add_argument("--tables", default="outputs/tables")

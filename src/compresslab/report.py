@@ -13,7 +13,7 @@ from compresslab.tasks import Task
 def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
+            return f"{value:.{max(digits - 1, 0)}e}"  # the same significant digits
         return f"{value:.{digits}g}"
     return str(value)
 
