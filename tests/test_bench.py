@@ -211,3 +211,15 @@ def test_thread_table_reports_the_ratio():
                                             "ms_1_thread": 400.0, "ms_all_cores": 800.0,
                                             "all_cores_over_1": 2.0}})
     assert "| llama_x | 1.33M | 8 | 400.0 | 800.0 (2) | 2.00 |" in text
+
+
+def test_busy_machine_warning_only_when_the_load_reaches_the_cores(monkeypatch):
+    import os
+
+    from compresslab.metrics.speed import busy_machine_warning
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 0.0, 0.0))
+    assert busy_machine_warning() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.25, 0.0, 0.0))
+    assert busy_machine_warning().startswith("warning: load average 3.2 on 2 cores")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling parts (d
 
 from compresslab.metrics.speed import (  # noqa: E402
     TensorMemory,
+    busy_machine_warning,
     count_flops,
     current_rss_bytes,
     median,
@@ -341,6 +342,8 @@ def measure_speed(bm: BenchModel, forms: dict, repeats: int, device: str, log) -
         r["flop_limit"] = ratio(dense["flops_throughput"], r["flops_throughput"])
         r["memory_ratio"] = ratio(dense["peak_bytes"], r["peak_bytes"])
         r["params_ratio"] = ratio(dense["params"], r["params"])
+    if device == "cpu" and (warning := busy_machine_warning()):
+        log(f"  {warning}")
     log(f"  {bm.name}: latency at batch 1")
     lat = summarise(timed({n: (lambda m=m: adapter.logits(m, one)) for n, m in models.items()},
                           repeats, device), 1)

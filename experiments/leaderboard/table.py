@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from compresslab.metrics.speed import busy_machine_warning
 from compresslab.report import collect_runs, fmt, lookup, markdown_table
 
 QUALITY = {"pycode": ("test/ppl", "test perplexity", False),   # (key, label, higher is better)
@@ -103,6 +104,8 @@ def speeds(settings: dict, runs_dir: Path, repeats: int, retime: bool) -> dict:
         wanted = {f"{row}@{b}" for (row, b) in runs if b is not None}
         if not wanted <= set(known.get(name, {})):
             print(f"timing {name}: dense and {len(wanted)} compressed models in turns", flush=True)
+            if warning := busy_machine_warning():
+                print(warning, flush=True)
             known[name] = measure_setting(runs, repeats)
             path.write_text(json.dumps(known, indent=1))
     return known

@@ -9,7 +9,8 @@ Pure helpers, no experiment logic:
 - time: :func:`interleaved_times` runs several callables in turns (round ``i`` times every
   callable once, in a rotating order) so that slow drifts of a shared machine hit all of
   them alike; :func:`median` and :func:`paired_speedup` (median over rounds of the
-  per-round ratio) summarise them.
+  per-round ratio) summarise them; :func:`busy_machine_warning` says when other work
+  competes for the cores.
 - memory: :class:`TensorMemory` records the peak bytes of tensors created during a call
   (activations; the weights and inputs that existed before are not counted) and
   :func:`peak_rss_bytes` the process's resident-set high-water mark.
@@ -18,6 +19,7 @@ Pure helpers, no experiment logic:
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
@@ -144,6 +146,22 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *,
             out[name]["wall"].append((clock() - wall) / k)
             out[name]["cpu"].append((cpu_clock() - cpu) / k)
     return out
+
+
+def busy_machine_warning() -> str | None:
+    """One line when the 1-minute load average reaches the number of cores, else None.
+
+    Timings taken then are not an idle machine's: on 2 cores the same paired speed-ups
+    moved by up to 16 % between a busy and an idle machine."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):      # no load average on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load < cores:
+        return None
+    return (f"warning: load average {load:.1f} on {cores} cores: other work competes for them, "
+            "so these timings may be off by 15 % or more; time again when the machine is idle")
 
 
 def timed_in_turns(fns: dict[str, Callable[[], object]], repeats: int,
