@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO
 
 
-def write_run(root, row, seed, acc, params, smoothed, target=0.75):
+def write_run(root, row, seed, acc, params, smoothed, target=0.75, roles=("q", "v")):
     run = root / row / f"s{seed}"
     (run / ".hydra").mkdir(parents=True)
     cfg = {"row": row, "seed": seed,
@@ -18,7 +18,7 @@ def write_run(root, row, seed, acc, params, smoothed, target=0.75):
                "num_train": 4000, "num_test": 400, "min_steps": 1, "max_steps": 1,
                "max_value": 9}},
            "method": {"name": row.split("_")[0], "stages": {
-               "adapt": {"roles": ["q", "v"]},
+               "adapt": {"roles": list(roles) if roles else None},
                "finetune": {"max_steps": len(smoothed), "target_loss": target,
                             "optim": {"lr": 0.01}}}}}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -49,6 +49,7 @@ def test_table_rows_note_curves_and_retarget(tmp_path):
     write_run(runs, "lora_r4", 0, 0.35, 1000, slow)
     text = table(runs, tables)
     assert "1 operation(s) on numbers up to 9; 4000 train / 400 test problems" in text
+    assert "adapters on ['q', 'v'] fine-tuned 100 steps" in text
     lines = [line for line in text.splitlines() if line.startswith("| ") and "row" not in line]
     assert lines == [
         "| lora_r4 | 1 | 1000 | - | 0.35 | - | 0/1 | 0.01 | 0.5 |",
@@ -58,3 +59,9 @@ def test_table_rows_note_curves_and_retarget(tmp_path):
     text = table(runs, tables, "--target", "0.85")    # from the saved curves
     assert "| lora_r4 | 1 | 1000 | - | 0.35 | 76 | 1/1 |" in text
     assert "| soka_tau0.5 | 2 | 750 | - | 0.35 ± 0.071 | 16 | 2/2 |" in text
+
+
+def test_table_names_every_linear_when_roles_is_null(tmp_path):
+    runs, tables = tmp_path / "runs", tmp_path / "tables"
+    write_run(runs, "lora_r4", 0, 0.35, 1000, [1.0, 0.5], roles=None)
+    assert "adapters on every attention and MLP linear fine-tuned 2 steps" in table(runs, tables)

@@ -92,7 +92,7 @@ def main() -> None:
     cfg = records[0]["cfg"]
     target = lookup(records[0], "method.stages.finetune.target_loss")
     steps = lookup(records[0], "method.stages.finetune.max_steps")
-    roles = cfg["method"]["stages"]["adapt"]["roles"]
+    roles = cfg["method"]["stages"]["adapt"]["roles"] or "every attention and MLP linear"
     src, lr = cfg["model"]["source"], lookup(records[0], "method.stages.finetune.optim.lr")
     data = cfg["dataset"]["datamodule"]
     ops = (f"{data['min_steps']}" if data["min_steps"] == data["max_steps"]
