@@ -130,8 +130,10 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", lw=1.5, label=label)
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        # past the 10 colours of the cycle, the line style and marker tell lines apart
+        ax.plot(xs, ys, marker="osD^"[i // 10 % 4], ls=("-", "--", ":", "-.")[i // 10 % 4],
+                lw=1.5, label=label)
     if logy:
         ax.set_yscale("log")
     if logx:
