@@ -8,7 +8,7 @@ PEFT_ARGS ?=
 PEFT_GRID := experiments/peft/grid.yaml
 .PHONY: table-peft table-peft-small
 
-table-peft: install ## SoKA vs LoRA/PiSSA/LoKr: llama_tiny (pycode base) on 1-step arithmetic, 3 seeds (~40-75 min)
+table-peft: install ## SoKA vs LoRA/PiSSA/LoKr: llama_tiny (pycode base) on 1-step arithmetic, 3 seeds (~35 min on 2 cores, longer under load)
 	nice -n 10 $(GRID) $(PEFT_GRID) --out $(PEFT_RUNS) $(PEFT_ARGS)
 	$(BIN)/python experiments/peft/table.py --runs $(PEFT_RUNS)
 
