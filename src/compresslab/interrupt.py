@@ -68,11 +68,12 @@ def interrupted_message(signum: int, run_dir: Path | None) -> str:
 
 def signal_of(exc: BaseException) -> int | None:
     """The signal number behind ``exc``, if it stands for a signal."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     if isinstance(exc, RunInterrupted):
         return exc.signum
-    if isinstance(exc, SIGTERMException):  # Lightning's own SIGTERM handling
+    # Lightning's own SIGTERM handling; looked up, not imported: a process that never
+    # imported Lightning cannot have raised it, and importing it costs seconds on every exit
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    if lightning is not None and isinstance(exc, lightning.SIGTERMException):
         return int(signal.SIGTERM)
     if isinstance(exc, KeyboardInterrupt):
         return int(signal.SIGINT)
