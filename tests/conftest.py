@@ -58,6 +58,14 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
+def fitting(trainer, checkpoint_folder: str) -> bool:
+    """Whether ``trainer`` fits the stage whose checkpoints go to ``checkpoint_folder``
+    (e.g. ``01-finetune``), not the base model's pre-training, which a test run whose base
+    model is not cached yet does first."""
+    return any(checkpoint_folder in str(getattr(callback, "dirpath", ""))
+               for callback in trainer.callbacks)
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -22,7 +22,7 @@ from compresslab import interrupt, pipeline, runlock
 from compresslab.errors import ConfigError
 from compresslab.resume import STATE_FILE
 from compresslab.stages import compress, modules
-from conftest import REPO, TINY_LLAMA, compose_cfg, read_metrics, run_cli
+from conftest import REPO, TINY_LLAMA, compose_cfg, fitting, read_metrics, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_sigterm_inside_a_lightning_fit_is_not_a_success(shared_root, tmp_path, 
     original = modules.TrainModule.training_step
 
     def signalled(self, batch, batch_idx):
-        if self.trainer.global_step == 4:
+        if self.trainer.global_step == 4 and fitting(self.trainer, "01-finetune"):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch, batch_idx)
 
@@ -104,6 +104,15 @@ def test_lightnings_own_sigterm_exit_counts_as_a_signal():
 
     assert interrupt.signal_of(SIGTERMException()) == signal.SIGTERM
     assert interrupt.signal_of(SystemExit(3)) is None
+
+
+def test_an_exit_before_lightning_is_imported_does_not_import_it():
+    # a bad setting exits before the pipeline loads; importing Lightning then to classify the
+    # exit cost about 5 s per one-line error
+    code = ("import sys; from compresslab.interrupt import signal_of; "
+            "assert signal_of(SystemExit(2)) is None; print('lightning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # -- 2. resume appends to the CSV log ------------------------------------------------------
