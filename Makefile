@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 demo: install ## the main job: svd at ratio 0.4 on the embedded LLaMA (pycode), dense vs compressed table
 	$(BIN)/python run.py method=svd model=llama method.ratio=0.4
 
-test: install ## the fast test suite (under 10 minutes on 2 cores)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+# the fast suite's test files are spread over this many processes (pytest-xdist); whole
+# files go to one process, so a file's shared fixtures (cached base models) are built once
+TEST_WORKERS ?= 2
+test: install ## the fast test suite, TEST_WORKERS=2 processes (under 10 minutes on 2 cores)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install ## the long tests only (-m slow)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m slow --timeout=3600
