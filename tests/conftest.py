@@ -58,12 +58,12 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
-def fitting(trainer, checkpoint_folder: str) -> bool:
-    """Whether ``trainer`` fits the stage whose checkpoints go to ``checkpoint_folder``
-    (e.g. ``01-finetune``), not the base model's pre-training, which a test run whose base
-    model is not cached yet does first."""
-    return any(checkpoint_folder in str(getattr(callback, "dirpath", ""))
-               for callback in trainer.callbacks)
+def fitting(trainer, folder_suffix: str) -> bool:
+    """Whether ``trainer`` fits the stage (or phase) whose checkpoint folder ends with
+    ``folder_suffix`` (e.g. ``00-train``, ``finetune/left``): not the base model's
+    pre-training, which a test run whose base model is not cached yet does first."""
+    return any(str(callback.dirpath).endswith(folder_suffix)
+               for callback in trainer.callbacks if getattr(callback, "dirpath", None))
 
 
 def read_metrics(run_dir: Path) -> dict:

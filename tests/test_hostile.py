@@ -78,7 +78,7 @@ def test_sigterm_inside_a_lightning_fit_is_not_a_success(shared_root, tmp_path, 
     original = modules.TrainModule.training_step
 
     def signalled(self, batch, batch_idx):
-        if self.trainer.global_step == 4 and fitting(self.trainer, "01-finetune"):
+        if self.trainer.global_step == 4 and fitting(self.trainer, "01-finetune/right"):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch, batch_idx)
 
@@ -317,9 +317,7 @@ def interrupted_run(shared_root, tmp_path_factory):
     original = modules.TrainModule.training_step
 
     def crashing(self, batch, batch_idx):
-        folders = [str(cb.dirpath) for cb in self.trainer.callbacks
-                   if getattr(cb, "dirpath", None)]
-        if self.trainer.global_step == 7 and any(f.endswith("left") for f in folders):
+        if self.trainer.global_step == 7 and fitting(self.trainer, "left"):
             raise RuntimeError("simulated crash")
         return original(self, batch, batch_idx)
 

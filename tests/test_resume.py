@@ -16,7 +16,7 @@ from compresslab.errors import ConfigError
 from compresslab.pipeline import run
 from compresslab.resume import STATE_FILE, reproducible_metrics
 from compresslab.stages import compress, modules
-from conftest import REPO, TINY_LLAMA, compose_cfg, read_metrics, run_cli
+from conftest import REPO, TINY_LLAMA, compose_cfg, fitting, read_metrics, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,9 +31,7 @@ def crash_training_at(monkeypatch, phase: str, step: int):
     original = modules.TrainModule.training_step
 
     def crashing(self, batch, batch_idx):
-        folders = [str(cb.dirpath) for cb in self.trainer.callbacks
-                   if getattr(cb, "dirpath", None)]
-        if self.trainer.global_step == step and any(f.endswith(phase) for f in folders):
+        if self.trainer.global_step == step and fitting(self.trainer, phase):
             raise RuntimeError("simulated crash")
         return original(self, batch, batch_idx)
 
